@@ -1,0 +1,32 @@
+"""crystal-gpt: symmetry-aware autoregressive generation of inorganic crystals."""
+
+from crystal_gpt.data import CrystalDataset, CrystalRecord, DatasetError, RowError, load_dataset
+from crystal_gpt.encoding import EncodedDataset, encode_dataset
+from crystal_gpt.representation import (
+    DEFAULT_SYMPREC,
+    EncodingError,
+    WyckoffCrystal,
+    decode,
+    encode,
+)
+from crystal_gpt.symmetry import WyckoffTables, get_tables
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SYMPREC",
+    "CrystalDataset",
+    "CrystalRecord",
+    "DatasetError",
+    "EncodedDataset",
+    "EncodingError",
+    "RowError",
+    "WyckoffCrystal",
+    "WyckoffTables",
+    "__version__",
+    "decode",
+    "encode",
+    "encode_dataset",
+    "get_tables",
+    "load_dataset",
+]

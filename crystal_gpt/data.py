@@ -1,0 +1,322 @@
+"""Benchmark datasets (CDVAE-format CSVs) loaded by name, with the splits of their protocols.
+
+The four benchmark datasets ship gzipped inside the package (``crystal_gpt/datasets``). A
+directory with the complete published files can be given instead (``data_dir=`` or the
+``CRYSTAL_GPT_DATA`` environment variable, laid out as ``<dir>/<name>/<split>.csv[.gz]``).
+
+Splits, per dataset:
+- ``train`` / ``holdout`` / ``test``: the protocol. With the full ``train`` file present this is
+  the standard train / val / test. Without it (the vendored mp_20, carbon_24, mpts_52) it is the
+  local protocol: the available training-like files are pooled and a fixed, seeded 5% is held
+  out for early stopping; ``test`` stays the published test split.
+- any file name (``val``, ``train_first1000``, ...): that file as it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Structure
+
+DATASETS = ("perov_5", "carbon_24", "mp_20", "mpts_52")
+PROTOCOL_SPLITS = ("train", "holdout", "test")
+HOLDOUT_FRACTION = 0.05
+HOLDOUT_SEED = 20240101
+# Files pooled for training when the full train file is absent (local protocol).
+LOCAL_TRAIN_FILES = {
+    "mp_20": ("train_first1000", "val"),
+    "carbon_24": ("val",),
+    "mpts_52": ("val",),
+    "perov_5": ("train",),
+}
+
+
+class DatasetError(ValueError):
+    """An unknown dataset or split, or an unreadable file."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row that could not be turned into a crystal, with the reason."""
+
+    source: str
+    row: int
+    id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source} row {self.row} (id {self.id}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One CSV row before parsing: what travels to worker processes."""
+
+    source: str
+    row: int
+    id: str
+    cif: str
+    properties: dict
+    error: str | None = None
+
+
+@dataclass
+class CrystalRecord:
+    id: str
+    structure: Structure
+    properties: dict = field(default_factory=dict)
+
+
+@dataclass
+class CrystalDataset(Sequence[CrystalRecord]):
+    """Parsed crystals of one split, plus the rows that failed (never silently dropped)."""
+
+    name: str
+    split: str
+    records: list[CrystalRecord]
+    errors: list[RowError]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[CrystalRecord]:
+        return iter(self.records)
+
+    @property
+    def structures(self) -> list[Structure]:
+        return [r.structure for r in self.records]
+
+
+def _bundled_dir() -> Path:
+    return Path(str(resources.files("crystal_gpt") / "datasets"))
+
+
+def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where datasets are looked up, first match wins: the argument, $CRYSTAL_GPT_DATA, bundled."""
+    dirs = []
+    for d in (data_dir, os.environ.get("CRYSTAL_GPT_DATA")):
+        if d:
+            dirs.append(Path(d))
+    dirs.append(_bundled_dir())
+    return dirs
+
+
+def available_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """File splits of a dataset: split name -> path (the first directory that has it wins)."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)")
+    found: dict[str, Path] = {}
+    for d in reversed(data_dirs(data_dir)):
+        folder = d / name
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            for suffix in (".csv.gz", ".csv"):
+                if path.name.endswith(suffix):
+                    found[path.name[: -len(suffix)]] = path
+    if not found:
+        raise DatasetError(f"no files for dataset {name!r} in {[str(d) for d in data_dirs(data_dir)]}")
+    return found
+
+
+def protocol(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, object]:
+    """How the protocol splits of a dataset are made from its files (for reports and logs)."""
+    files = available_files(name, data_dir)
+    if "train" in files and "val" in files:
+        return {"kind": "standard", "train": ["train"], "holdout": ["val"], "test": ["test"]}
+    pool = [f for f in LOCAL_TRAIN_FILES[name] if f in files]
+    return {
+        "kind": "local",
+        "train": pool,
+        "holdout": pool,
+        "holdout_fraction": HOLDOUT_FRACTION,
+        "holdout_seed": HOLDOUT_SEED,
+        "test": ["test"],
+    }
+
+
+def holdout_mask(n: int, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """Boolean mask of the fixed, seeded hold-out rows of a pool of n rows."""
+    n_hold = round(fraction * n)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:n_hold]] = True
+    return mask
+
+
+def split_sources(
+    name: str, split: str, data_dir: str | os.PathLike | None = None
+) -> list[tuple[Path, np.ndarray | None]]:
+    """The files behind a split, each with the row selection it uses (None: all rows)."""
+    files = available_files(name, data_dir)
+    if split in files and split not in PROTOCOL_SPLITS:
+        return [(files[split], None)]
+    if split not in PROTOCOL_SPLITS:
+        known = sorted({*PROTOCOL_SPLITS, *files})
+        raise DatasetError(f"dataset {name!r} has no split {split!r}; known: {', '.join(known)}")
+    proto = protocol(name, data_dir)
+    if split == "test" or proto["kind"] == "standard":
+        return [(files[f], None) for f in proto[split]]  # type: ignore[union-attr]
+    paths = [files[f] for f in proto["train"]]  # type: ignore[union-attr]
+    sizes = [count_rows(p) for p in paths]
+    mask = holdout_mask(sum(sizes))
+    if split == "train":
+        mask = ~mask
+    out, start = [], 0
+    for p, n in zip(paths, sizes, strict=True):
+        out.append((p, np.nonzero(mask[start : start + n])[0]))
+        start += n
+    return out
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")  # noqa: SIM115
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def count_rows(path: Path) -> int:
+    return sum(1 for _ in read_rows(path))
+
+
+_NOT_PROPERTIES = {"", "cif", "material_id"}
+
+
+def _coerce(value: str):
+    if value == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value in ("True", "False"):
+        return value == "True"
+    return value
+
+
+def read_rows(path: Path) -> Iterator[RawRow]:
+    """Rows of a CDVAE-format CSV (the CIF is a quoted multi-line field, so a real CSV parser)."""
+    path = Path(path)
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise DatasetError(f"{path}: empty file") from None
+            if "cif" not in header:
+                raise DatasetError(f"{path}: no 'cif' column (columns: {header})")
+            cif_col = header.index("cif")
+            id_col = header.index("material_id") if "material_id" in header else None
+            for i, values in enumerate(reader):
+                row_id = values[id_col] if id_col is not None and id_col < len(values) else str(i)
+                if len(values) != len(header):
+                    reason = f"expected {len(header)} columns, found {len(values)}"
+                    yield RawRow(path.name, i, row_id, "", {}, error=reason)
+                    continue
+                props = {
+                    k: _coerce(v)
+                    for k, v in zip(header, values, strict=True)
+                    if k not in _NOT_PROPERTIES
+                }
+                yield RawRow(path.name, i, row_id, values[cif_col], props)
+    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"{path}: cannot read as a CSV file: {err}") from err
+
+
+def parse_row(row: RawRow) -> CrystalRecord | RowError:
+    """CIF text -> Structure, or the reason it failed (kept with the row's id)."""
+    if row.error is not None:
+        return RowError(row.source, row.row, row.id, row.error)
+    if not row.cif.strip():
+        return RowError(row.source, row.row, row.id, "empty CIF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structure = Structure.from_str(row.cif, fmt="cif")
+    except Exception as err:  # pymatgen raises many types for bad CIFs
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return RowError(row.source, row.row, row.id, f"malformed CIF: {msg}")
+    if len(structure) == 0:
+        return RowError(row.source, row.row, row.id, "CIF has no atoms")
+    return CrystalRecord(row.id, structure, row.properties)
+
+
+def iter_split_rows(
+    name: str, split: str, data_dir: str | os.PathLike | None = None
+) -> Iterator[RawRow]:
+    """Raw rows of a named split, or of a CSV path given as ``name``."""
+    if _is_path(name):
+        yield from read_rows(Path(name))
+        return
+    for path, rows in split_sources(name, split, data_dir):
+        if rows is None:
+            yield from read_rows(path)
+            continue
+        keep = set(rows.tolist())
+        yield from (r for r in read_rows(path) if r.row in keep)
+
+
+def _is_path(name: str) -> bool:
+    return name not in DATASETS and (
+        name.endswith((".csv", ".csv.gz")) or os.sep in name or Path(name).exists()
+    )
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    strict: bool = False,
+) -> CrystalDataset:
+    """Crystals of a named dataset split (or a CSV file path) as pymatgen Structures.
+
+    Rows that fail to parse are listed in ``.errors`` with their row number and id (and a
+    warning is issued); ``strict=True`` raises on the first one instead.
+    """
+    if not _is_path(name) and name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)")
+    if _is_path(name) and not Path(name).exists():
+        raise DatasetError(f"no such file: {name}")
+    records: list[CrystalRecord] = []
+    errors: list[RowError] = []
+    for k, row in enumerate(iter_split_rows(name, split, data_dir)):
+        if limit is not None and k >= limit:
+            break
+        out = parse_row(row)
+        if isinstance(out, RowError):
+            if strict:
+                raise DatasetError(str(out))
+            errors.append(out)
+        else:
+            records.append(out)
+    if errors:
+        warnings.warn(
+            f"{len(errors)} row(s) of {name}/{split} could not be read; first: {errors[0]}",
+            stacklevel=2,
+        )
+    return CrystalDataset(name if not _is_path(name) else Path(name).name, split, records, errors)

@@ -1,0 +1,257 @@
+"""Wyckoff tables for the 230 space groups, as flat arrays the model and the codec index.
+
+The tables are derived from pyxtal (Wyckoff positions, in the ITA standard setting pyxtal uses)
+and spglib (the Hall number of that same setting, so spglib's standardised cells line up with
+pyxtal's coordinates). Deriving them takes ~10 s, so the result ships as a compressed ``.npz``
+(`crystal_gpt/tables/wyckoff.npz`), rebuilt with ``python -m crystal_gpt.symmetry``.
+
+Letter index 0 is Wyckoff letter 'a' (highest site symmetry); the last index of a group is its
+general position. Group 47 (Pmmm) has 27 positions, the last one lettered 'A' as in the ITA.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+NUM_SPACEGROUPS = 230
+TABLE_VERSION = 1
+
+CRYSTAL_SYSTEMS = (
+    "triclinic",
+    "monoclinic",
+    "orthorhombic",
+    "tetragonal",
+    "trigonal",
+    "hexagonal",
+    "cubic",
+)
+# Names of the free lattice parameters of each crystal system (conventional cell, ITA setting:
+# monoclinic unique axis b, trigonal and rhombohedral groups on hexagonal axes).
+LATTICE_FREE_PARAMS: dict[str, tuple[str, ...]] = {
+    "triclinic": ("a", "b", "c", "alpha", "beta", "gamma"),
+    "monoclinic": ("a", "b", "c", "beta"),
+    "orthorhombic": ("a", "b", "c"),
+    "tetragonal": ("a", "c"),
+    "trigonal": ("a", "c"),
+    "hexagonal": ("a", "c"),
+    "cubic": ("a",),
+}
+
+
+def crystal_system_of(spacegroup: int) -> str:
+    """Crystal system of a space-group number (ITA ranges)."""
+    check_spacegroup(spacegroup)
+    for upper, name in ((2, 0), (15, 1), (74, 2), (142, 3), (167, 4), (194, 5), (230, 6)):
+        if spacegroup <= upper:
+            return CRYSTAL_SYSTEMS[name]
+    raise AssertionError("unreachable")
+
+
+def check_spacegroup(spacegroup: int) -> int:
+    if not isinstance(spacegroup, int | np.integer) or not 1 <= int(spacegroup) <= 230:
+        raise ValueError(f"space group must be an integer in 1..230, got {spacegroup!r}")
+    return int(spacegroup)
+
+
+@dataclass(frozen=True)
+class WyckoffTables:
+    """All Wyckoff positions of all space groups, indexed ``[group, letter_index]``.
+
+    Arrays have a leading axis of 231 (index 0 unused) and a letter axis of ``max_letters``.
+    The orbit operations of position (g, w) are rows ``ops_start[g, w] : + multiplicity[g, w]``
+    of ``ops_rot`` / ``ops_trans``; applying them to the representative gives the whole orbit
+    in the conventional cell (centring translations included).
+    """
+
+    num_letters: np.ndarray  # (231,) int: Wyckoff positions per group
+    letters: np.ndarray  # (231, L) <U1: letter of each position ('' past the end)
+    multiplicity: np.ndarray  # (231, L) int: atoms per conventional cell (0 past the end)
+    dof: np.ndarray  # (231, L) int: number of free coordinates
+    free_mask: np.ndarray  # (231, L, 3) bool: which of x, y, z are free parameters
+    proj_rot: np.ndarray  # (231, L, 3, 3): first operation, maps free params to the representative
+    proj_trans: np.ndarray  # (231, L, 3)
+    ops_start: np.ndarray  # (231, L) int: first row of the orbit operations
+    ops_rot: np.ndarray  # (N, 3, 3)
+    ops_trans: np.ndarray  # (N, 3)
+    hall_number: np.ndarray  # (231,) int: spglib Hall number of the setting used
+    symbol: np.ndarray  # (231,) <U12: Hermann-Mauguin symbol
+    crystal_system: np.ndarray  # (231,) int: index into CRYSTAL_SYSTEMS
+
+    @property
+    def max_letters(self) -> int:
+        return int(self.letters.shape[1])
+
+    def letter_index(self, spacegroup: int, letter: str) -> int:
+        g = check_spacegroup(spacegroup)
+        row = self.letters[g, : self.num_letters[g]]
+        hits = np.nonzero(row == letter)[0]
+        if hits.size == 0:
+            legal = "".join(row.tolist())
+            raise ValueError(
+                f"space group {g} has no Wyckoff position {letter!r} (legal letters: {legal})"
+            )
+        return int(hits[0])
+
+    def orbit_ops(self, spacegroup: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        start = self.ops_start[spacegroup, w]
+        stop = start + self.multiplicity[spacegroup, w]
+        return self.ops_rot[start:stop], self.ops_trans[start:stop]
+
+    def project(self, spacegroup: int, w: int, points: np.ndarray) -> np.ndarray:
+        """Map points onto Wyckoff position w through its first operation, wrapped to [0, 1).
+
+        Fixed coordinates come out exact (0.5 stays 0.5); free ones are copied, so a point already
+        on the position is returned unchanged. Works on (3,) or (n, 3) arrays.
+        """
+        p = np.asarray(points, dtype=float)
+        return wrap01(p @ self.proj_rot[spacegroup, w].T + self.proj_trans[spacegroup, w])
+
+    def orbit(self, spacegroup: int, w: int, representative: np.ndarray) -> np.ndarray:
+        """All ``multiplicity`` images of a representative in the conventional cell, in [0, 1)."""
+        rot, trans = self.orbit_ops(spacegroup, w)
+        return wrap01(np.einsum("kij,j->ki", rot, representative) + trans)
+
+
+def wrap01(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    """Fractional coordinates in [0, 1), with -0.0 and 1 - tiny mapped to exactly 0."""
+    y = np.asarray(x, dtype=float) % 1.0
+    y = np.where(y > 1.0 - eps, 0.0, y)
+    return y + 0.0
+
+
+TABLE_FILE = "wyckoff.npz"
+
+
+def _table_path() -> Path:
+    return Path(str(resources.files("crystal_gpt") / "tables" / TABLE_FILE))
+
+
+@functools.cache
+def get_tables() -> WyckoffTables:
+    """The shipped tables (loaded once per process, ~20 ms)."""
+    path = _table_path()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Wyckoff tables missing at {path}; rebuild with `python -m crystal_gpt.symmetry`"
+        )
+    with np.load(path) as z:
+        if int(z["version"]) != TABLE_VERSION:
+            raise RuntimeError(f"{path} has table version {int(z['version'])}, need {TABLE_VERSION}")
+        return WyckoffTables(**{k: z[k] for k in WyckoffTables.__dataclass_fields__})
+
+
+def _spglib_hall_numbers_by_group() -> dict[int, list[int]]:
+    import spglib
+
+    out: dict[int, list[int]] = {}
+    for hall in range(1, 531):
+        out.setdefault(spglib.get_spacegroup_type(hall).number, []).append(hall)
+    return out
+
+
+def _op_key(rot: np.ndarray, trans: np.ndarray) -> tuple:
+    t = np.round(np.asarray(trans, dtype=float) % 1.0, 6) % 1.0
+    return (tuple(np.rint(rot).astype(int).ravel()), tuple(t))
+
+
+def _matching_hall(group_ops: list, candidates: list[int]) -> int:
+    """The Hall setting whose symmetry operations are exactly pyxtal's general position."""
+    import spglib
+
+    target = {_op_key(op.rotation_matrix, op.translation_vector) for op in group_ops}
+    for hall in candidates:
+        sym = spglib.get_symmetry_from_database(hall)
+        keys = {_op_key(r, t) for r, t in zip(sym["rotations"], sym["translations"], strict=True)}
+        if keys == target:
+            return hall
+    raise RuntimeError(f"no spglib Hall setting matches pyxtal's operations (candidates {candidates})")
+
+
+def build_tables() -> WyckoffTables:
+    """Derive the tables from pyxtal and spglib (the shipped .npz is this function's output)."""
+    from pyxtal.symmetry import Group
+
+    halls = _spglib_hall_numbers_by_group()
+    groups = [Group(g) for g in range(1, NUM_SPACEGROUPS + 1)]
+    max_letters = max(len(gr.Wyckoff_positions) for gr in groups)
+    shape = (NUM_SPACEGROUPS + 1, max_letters)
+    num_letters = np.zeros(NUM_SPACEGROUPS + 1, dtype=np.int16)
+    letters = np.full(shape, "", dtype="<U1")
+    multiplicity = np.zeros(shape, dtype=np.int16)
+    dof = np.zeros(shape, dtype=np.int8)
+    free_mask = np.zeros((*shape, 3), dtype=bool)
+    proj_rot = np.zeros((*shape, 3, 3))
+    proj_trans = np.zeros((*shape, 3))
+    ops_start = np.zeros(shape, dtype=np.int32)
+    hall_number = np.zeros(NUM_SPACEGROUPS + 1, dtype=np.int16)
+    symbol = np.full(NUM_SPACEGROUPS + 1, "", dtype="<U12")
+    crystal_system = np.full(NUM_SPACEGROUPS + 1, -1, dtype=np.int8)
+    rots: list[np.ndarray] = []
+    transl: list[np.ndarray] = []
+    for gr in groups:
+        g = gr.number
+        wps = list(reversed(gr.Wyckoff_positions))  # pyxtal lists the general position first
+        num_letters[g] = len(wps)
+        hall_number[g] = _matching_hall(wps[-1].ops, halls[g])
+        symbol[g] = gr.symbol
+        crystal_system[g] = CRYSTAL_SYSTEMS.index(crystal_system_of(g))
+        for w, wp in enumerate(wps):
+            op0 = wp.ops[0]
+            rot = np.asarray(op0.rotation_matrix, dtype=float)
+            free = np.abs(rot).sum(axis=0) > 0
+            # The codec reads free parameters straight off the representative: that needs each
+            # free column to carry its own axis with coefficient 1 and the map to be idempotent.
+            if not np.allclose(np.diag(rot)[free], 1.0) or not np.allclose(rot @ rot, rot):
+                raise RuntimeError(f"unexpected Wyckoff form {op0.as_xyz_str()} in group {g}")
+            letters[g, w] = wp.letter
+            multiplicity[g, w] = wp.multiplicity
+            dof[g, w] = int(wp.get_dof())
+            if int(free.sum()) != dof[g, w] or len(wp.ops) != wp.multiplicity:
+                raise RuntimeError(f"inconsistent Wyckoff position {g}{wp.letter}")
+            free_mask[g, w] = free
+            proj_rot[g, w] = rot
+            proj_trans[g, w] = np.asarray(op0.translation_vector, dtype=float)
+            ops_start[g, w] = len(rots)
+            for op in wp.ops:
+                rots.append(np.asarray(op.rotation_matrix, dtype=float))
+                transl.append(np.asarray(op.translation_vector, dtype=float))
+    return WyckoffTables(
+        num_letters=num_letters,
+        letters=letters,
+        multiplicity=multiplicity,
+        dof=dof,
+        free_mask=free_mask,
+        proj_rot=proj_rot,
+        proj_trans=proj_trans,
+        ops_start=ops_start,
+        ops_rot=np.stack(rots).astype(np.int8),
+        ops_trans=np.stack(transl),
+        hall_number=hall_number,
+        symbol=symbol,
+        crystal_system=crystal_system,
+    )
+
+
+def save_tables(tables: WyckoffTables, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: getattr(tables, k) for k in WyckoffTables.__dataclass_fields__}
+    np.savez_compressed(path, version=np.array(TABLE_VERSION), **arrays)
+
+
+def main() -> None:
+    path = _table_path()
+    tables = build_tables()
+    save_tables(tables, path)
+    print(
+        f"wrote {path}: {int(tables.num_letters.sum())} Wyckoff positions, "
+        f"{len(tables.ops_rot)} orbit operations, {path.stat().st_size / 1024:.0f} KiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
