@@ -8,14 +8,18 @@ keeps only the free parameters of the crystal system of the conventional (ITA) c
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import spglib
-from pymatgen.core import Element, Lattice, Structure
 
-from crystal_gpt.symmetry import (
+# spglib's C core prints to stderr when a tolerance fails; the codec handles that itself.
+os.environ.setdefault("SPGLIB_WARNING", "OFF")
+import spglib  # noqa: E402
+from pymatgen.core import Element, Lattice, Structure  # noqa: E402
+
+from crystal_gpt.symmetry import (  # noqa: E402
     CRYSTAL_SYSTEMS,
     LATTICE_FREE_PARAMS,
     check_spacegroup,
@@ -255,7 +259,7 @@ def _encode_cell(cell: tuple, symprec: float) -> WyckoffCrystal:
     # Orbits and letters of the standardised atoms, through the primitive cell both map to.
     prim_to_input = {int(p): i for i, p in enumerate(ds.mapping_to_primitive)}
     input_of_std = np.array([prim_to_input[int(p)] for p in ds.std_mapping_to_primitive])
-    orbit_id = np.asarray(ds.equivalent_atoms)[input_of_std]
+    orbit_id = np.asarray(ds.crystallographic_orbits)[input_of_std]
     spg_letter = np.asarray(ds.wyckoffs)[input_of_std]
 
     metric = std_lattice @ std_lattice.T
