@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from crystal_gpt.data import (
     DATASETS,
+    DatasetError,
     RawRow,
     RowError,
     file_digest,
@@ -302,7 +303,11 @@ def encode_dataset(
     """A dataset split (or a CSV path) in the Wyckoff representation, cached on disk."""
     kwargs = dict(symprec=symprec, mode=mode, workers=workers, use_cache=use_cache, progress=progress)
     if name not in DATASETS:
-        return encode_file(Path(name), **kwargs)  # type: ignore[arg-type]
+        path = Path(name)
+        if not path.is_file():
+            known = ", ".join(DATASETS)
+            raise DatasetError(f"unknown dataset {name!r}: not one of {known}, nor a CSV file")
+        return encode_file(path, **kwargs)  # type: ignore[arg-type]
     parts = []
     for path, rows in split_sources(name, split, data_dir):
         ds = encode_file(path, **kwargs)  # type: ignore[arg-type]

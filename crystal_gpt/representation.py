@@ -8,6 +8,7 @@ keeps only the free parameters of the crystal system of the conventional (ITA) c
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from crystal_gpt.symmetry import (  # noqa: E402
 DEFAULT_SYMPREC = 0.01
 # Tried in turn when symmetry analysis fails or gives an inconsistent cell; P1 is the last resort.
 FALLBACK_SYMPRECS = (1e-3, 1e-5)
-_COORD_DECIMALS = 6  # rounding used only to order sites and pick representatives stably
+_TIE_TOL = 1e-4  # fractional; coordinates closer than this count as equal when ordering
 
 
 class EncodingError(ValueError):
@@ -223,7 +224,7 @@ def encode_p1(structure: Structure) -> WyckoffCrystal:
     reduced = structure.get_reduced_structure("niggli")
     frac = wrap01(reduced.frac_coords)
     species = np.array([sp.Z for sp in reduced.species], dtype=np.int16)
-    order = np.lexsort(np.round(frac, _COORD_DECIMALS).T[::-1].tolist() + [species])
+    order = _site_order(np.zeros(len(species), dtype=int), species, frac)
     return WyckoffCrystal(
         spacegroup=1,
         wyckoff=np.zeros(len(order), dtype=np.int16),
@@ -235,17 +236,21 @@ def encode_p1(structure: Structure) -> WyckoffCrystal:
 
 
 def _spglib_dataset(cell: tuple, symprec: float):
+    """spglib's dataset in the Hall setting of our tables (None/raise styles both handled)."""
     tables = get_tables()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = spglib.get_symmetry_dataset(cell, symprec=symprec)
-        if ds is None:
-            raise EncodingError(f"spglib found no symmetry: {spglib.get_error_message()}")
-        hall = int(tables.hall_number[ds.number])
-        if ds.hall_number != hall:
-            ds = spglib.get_symmetry_dataset(cell, symprec=symprec, hall_number=hall)
-            if ds is None or ds.hall_number != hall:
-                raise EncodingError(f"spglib could not standardise to Hall setting {hall}")
+        try:
+            ds = spglib.get_symmetry_dataset(cell, symprec=symprec)
+            if ds is None:
+                raise EncodingError("spglib could not determine the symmetry")
+            hall = int(tables.hall_number[ds.number])
+            if ds.hall_number != hall:
+                ds = spglib.get_symmetry_dataset(cell, symprec=symprec, hall_number=hall)
+                if ds is None or ds.hall_number != hall:
+                    raise EncodingError(f"spglib could not standardise to Hall setting {hall}")
+        except spglib.error.SpglibError as err:
+            raise EncodingError(f"spglib failed: {err}") from err
     return ds
 
 
@@ -320,9 +325,7 @@ def _canonical_representative(
         return None
     cands = projected[on_position]
     free = tables.free_mask[g, w]
-    keys = np.round(cands[:, free], _COORD_DECIMALS) % 1.0
-    best = np.lexsort(keys.T[::-1]) if keys.shape[1] else np.arange(len(cands))
-    rep = cands[best[0]]
+    rep = cands[_lexmin(cands[:, free])]
     # The orbit of the representative must reproduce, one to one, the atoms it stands for.
     diff = tables.orbit(g, w, rep)[:, None, :] - points[None, :, :]
     diff -= np.rint(diff)
@@ -332,10 +335,33 @@ def _canonical_representative(
     return rep
 
 
+def _lexmin(keys: np.ndarray, tol: float = _TIE_TOL) -> int:
+    """Row with the lexicographically smallest key, values within tol counted as equal.
+
+    The tolerance keeps the choice stable against spglib's symmetrisation noise (1e-7 level).
+    """
+    alive = np.arange(len(keys))
+    for col in keys.T:
+        vals = col[alive]
+        alive = alive[vals <= vals.min() + tol]
+        if len(alive) == 1:
+            break
+    return int(alive[0])
+
+
 def _site_order(wyckoff: np.ndarray, species: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Letter first ('a' first), then atomic number, then coordinates: a deterministic order."""
-    keys = np.round(coords, _COORD_DECIMALS).T[::-1].tolist()
-    return np.lexsort([*keys, species, wyckoff])
+    """Letter first ('a' first), then atomic number, then coordinates (with a tolerance)."""
+
+    def compare(i: int, j: int) -> int:
+        for a, b in ((wyckoff[i], wyckoff[j]), (species[i], species[j])):
+            if a != b:
+                return -1 if a < b else 1
+        for a, b in zip(coords[i], coords[j], strict=True):
+            if abs(a - b) > _TIE_TOL:
+                return -1 if a < b else 1
+        return 0
+
+    return np.array(sorted(range(len(wyckoff)), key=functools.cmp_to_key(compare)), dtype=int)
 
 
 def decode(crystal: WyckoffCrystal) -> Structure:
