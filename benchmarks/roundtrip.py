@@ -35,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"symprec={args.symprec} mode={args.mode} workers={args.workers}")
-    print(f"{'split':28s} {'n':>6s} {'strict %':>9s} {'with supercell %':>17s} {'fallback':>8s} {'s':>6s}")
+    cols = f"{'n':>6s} {'strict %':>9s} {'with supercell %':>17s} {'fallback':>8s} {'s':>6s}"
+    print(f"{'split':28s} {cols}")
     for name in args.datasets:
         for split in SPLITS[name]:
             if split not in available_files(name):
@@ -49,7 +50,9 @@ def main() -> None:
                 for rec, r in zip(ds.records, results, strict=True)
                 if r.status != "match"
             ]
-            failures += [{"id": e.id, "status": "unreadable", "reason": e.reason} for e in ds.errors]
+            failures += [
+                {"id": e.id, "status": "unreadable", "reason": e.reason} for e in ds.errors
+            ]
             path = args.out / f"roundtrip-{name}-{split}-{args.mode}-{args.symprec:g}.json"
             path.write_text(json.dumps({"summary": summary, "failures": failures}, indent=1))
             print(

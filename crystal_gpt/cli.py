@@ -39,39 +39,44 @@ def dataset_statistics(ds: EncodedDataset) -> dict:
         "p1_share": round(sg.get(1, 0) / max(n, 1), 4),
         "crystal_systems": {s: systems.get(s, 0) for s in CRYSTAL_SYSTEMS},
         "top_spacegroups": [
-            {"number": g, "symbol": str(tables.symbol[g]), "count": c} for g, c in sg.most_common(10)
+            {"number": g, "symbol": str(tables.symbol[g]), "count": c}
+            for g, c in sg.most_common(10)
         ],
     }
 
 
 def _print_stats(title: str, st: dict) -> None:
     print(f"\n== {title} ==")
-    print(f"crystals            {st['crystals']}  (unreadable rows: {st['unreadable_rows']}, "
-          f"symmetry fallbacks: {st['symmetry_fallbacks']})")
+    print(
+        f"crystals            {st['crystals']}  (unreadable rows: {st['unreadable_rows']}, "
+        f"symmetry fallbacks: {st['symmetry_fallbacks']})"
+    )
     for key in ("atoms_per_cell", "sites_per_crystal"):
         s = st[key]
         if s:
             print(f"{key.replace('_', ' '):20s}min {s['min']}, mean {s['mean']}, max {s['max']}")
     print(f"distinct elements   {st['distinct_elements']}")
-    print(f"space groups        {st['distinct_spacegroups']} distinct, P1 share "
-          f"{100 * st['p1_share']:.2f}%")
+    print(
+        f"space groups        {st['distinct_spacegroups']} distinct, P1 share "
+        f"{100 * st['p1_share']:.2f}%"
+    )
     print("crystal systems     " + ", ".join(f"{k} {v}" for k, v in st["crystal_systems"].items()))
     top = ", ".join(f"{t['symbol']} ({t['number']}) {t['count']}" for t in st["top_spacegroups"])
     print(f"most common groups  {top}")
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    splits = args.split or (
-        ["train", "holdout", "test"] if args.dataset in DATASETS else ["file"]
-    )
+    splits = args.split or (["train", "holdout", "test"] if args.dataset in DATASETS else ["file"])
     if args.dataset in DATASETS:
         files = available_files(args.dataset, args.data_dir)
         proto = protocol(args.dataset, args.data_dir)
         print(f"dataset {args.dataset}: files {', '.join(sorted(files))}; protocol {proto['kind']}")
         if proto["kind"] == "local":
-            print(f"  train/holdout pooled from {'+'.join(proto['train'])} with a fixed "
-                  f"{100 * proto['holdout_fraction']:.0f}% hold-out (seed {proto['holdout_seed']}); "
-                  "test = the published test split")
+            print(
+                f"  train/holdout pooled from {'+'.join(proto['train'])} with a fixed "
+                f"{100 * proto['holdout_fraction']:.0f}% hold-out (seed {proto['holdout_seed']}); "
+                "test = the published test split"
+            )
     report = {}
     for split in splits:
         ds = encode_dataset(
@@ -98,16 +103,20 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_data_list(args: argparse.Namespace) -> int:
     for name in DATASETS:
         files = available_files(name, args.data_dir)
-        print(f"{name:10s} {protocol(name, args.data_dir)['kind']:8s} files: "
-              + ", ".join(f"{k} ({v.stat().st_size / 1e6:.1f} MB)" for k, v in sorted(files.items())))
+        print(
+            f"{name:10s} {protocol(name, args.data_dir)['kind']:8s} files: "
+            + ", ".join(f"{k} ({v.stat().st_size / 1e6:.1f} MB)" for k, v in sorted(files.items()))
+        )
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     tables = get_tables()
     print(f"crystal-gpt {__version__}")
-    print(f"Wyckoff tables: 230 space groups, {int(tables.num_letters.sum())} Wyckoff positions, "
-          f"up to {tables.max_letters} per group")
+    print(
+        f"Wyckoff tables: 230 space groups, {int(tables.num_letters.sum())} Wyckoff positions, "
+        f"up to {tables.max_letters} per group"
+    )
     print(f"cache directory: {cache_dir()}  (set CRYSTAL_GPT_CACHE to move it)")
     print(f"datasets: {', '.join(DATASETS)}  (see `crystal-gpt data list`)")
     return 0
@@ -127,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="benchmark datasets: list them, encode them, statistics")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=None,
-                        help="folder with <dataset>/<split>.csv[.gz] (default: bundled files)")
+    common.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with <dataset>/<split>.csv[.gz] (default: bundled files)",
+    )
     lst = data_sub.add_parser("list", parents=[common], help="datasets, their files and protocol")
     lst.set_defaults(func=cmd_data_list)
     di = data_sub.add_parser(
@@ -137,12 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode a dataset (cached) and print counts, space-group and site statistics",
     )
     di.add_argument("dataset", help=f"one of {', '.join(DATASETS)}, or a CDVAE-format CSV path")
-    di.add_argument("--split", action="append",
-                    help="split to describe (repeatable; default: train, holdout, test)")
-    di.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC,
-                    help=f"symmetry tolerance in Angstrom (default {DEFAULT_SYMPREC})")
-    di.add_argument("--mode", choices=["wyckoff", "p1"], default="wyckoff",
-                    help="Wyckoff encoding, or every atom as a P1 general position")
+    di.add_argument(
+        "--split",
+        action="append",
+        help="split to describe (repeatable; default: train, holdout, test)",
+    )
+    di.add_argument(
+        "--symprec",
+        type=float,
+        default=DEFAULT_SYMPREC,
+        help=f"symmetry tolerance in Angstrom (default {DEFAULT_SYMPREC})",
+    )
+    di.add_argument(
+        "--mode",
+        choices=["wyckoff", "p1"],
+        default="wyckoff",
+        help="Wyckoff encoding, or every atom as a P1 general position",
+    )
     di.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     di.add_argument("--json", action="store_true", help="print the statistics as JSON")
     di.add_argument("--show-errors", action="store_true", help="list unreadable rows")

@@ -117,7 +117,9 @@ def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
 def available_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """File splits of a dataset: split name -> path (the first directory that has it wins)."""
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)")
+        raise DatasetError(
+            f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)"
+        )
     found: dict[str, Path] = {}
     for d in reversed(data_dirs(data_dir)):
         folder = d / name
@@ -128,7 +130,9 @@ def available_files(name: str, data_dir: str | os.PathLike | None = None) -> dic
                 if path.name.endswith(suffix):
                     found[path.name[: -len(suffix)]] = path
     if not found:
-        raise DatasetError(f"no files for dataset {name!r} in {[str(d) for d in data_dirs(data_dir)]}")
+        raise DatasetError(
+            f"no files for dataset {name!r} in {[str(d) for d in data_dirs(data_dir)]}"
+        )
     return found
 
 
@@ -148,7 +152,9 @@ def protocol(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, 
     }
 
 
-def holdout_mask(n: int, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> np.ndarray:
+def holdout_mask(
+    n: int, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED
+) -> np.ndarray:
     """Boolean mask of the fixed, seeded hold-out rows of a pool of n rows."""
     n_hold = round(fraction * n)
     mask = np.zeros(n, dtype=bool)
@@ -184,7 +190,7 @@ def split_sources(
 def _open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")  # noqa: SIM115
+    return open(path, encoding="utf-8", newline="")
 
 
 def file_digest(path: Path) -> str:
@@ -299,7 +305,9 @@ def load_dataset(
     warning is issued); ``strict=True`` raises on the first one instead.
     """
     if not _is_path(name) and name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)")
+        raise DatasetError(
+            f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)"
+        )
     if _is_path(name) and not Path(name).exists():
         raise DatasetError(f"no such file: {name}")
     records: list[CrystalRecord] = []
@@ -314,9 +322,11 @@ def load_dataset(
             errors.append(out)
         else:
             records.append(out)
+    label = Path(name).name if _is_path(name) else f"{name}/{split}"
     if errors:
         warnings.warn(
-            f"{len(errors)} row(s) of {name}/{split} could not be read; first: {errors[0]}",
-            stacklevel=2,
+            f"{len(errors)} row(s) of {label} could not be read; first: {errors[0]}", stacklevel=2
         )
-    return CrystalDataset(name if not _is_path(name) else Path(name).name, split, records, errors)
+    if _is_path(name):
+        return CrystalDataset(Path(name).name, "file", records, errors)
+    return CrystalDataset(name, split, records, errors)

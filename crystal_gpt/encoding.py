@@ -231,7 +231,7 @@ def _assemble(results: list) -> EncodedDataset:
     good = [r for r in results if not isinstance(r, RowError)]
     crystals = [wc for _, wc in good]
     n_sites = np.array([wc.num_sites for wc in crystals], dtype=np.int64)
-    cat = (lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape))  # noqa: E731
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
     return EncodedDataset(
         ids=np.array([row.id for row, _ in good], dtype=str),
         rows=np.array([row.row for row, _ in good], dtype=np.int64),
@@ -301,7 +301,9 @@ def encode_dataset(
     progress: bool = True,
 ) -> EncodedDataset:
     """A dataset split (or a CSV path) in the Wyckoff representation, cached on disk."""
-    kwargs = dict(symprec=symprec, mode=mode, workers=workers, use_cache=use_cache, progress=progress)
+    kwargs = dict(
+        symprec=symprec, mode=mode, workers=workers, use_cache=use_cache, progress=progress
+    )
     if name not in DATASETS:
         path = Path(name)
         if not path.is_file():

@@ -17,10 +17,10 @@ import numpy as np
 
 # spglib's C core prints to stderr when a tolerance fails; the codec handles that itself.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
-import spglib  # noqa: E402
-from pymatgen.core import Element, Lattice, Structure  # noqa: E402
+import spglib
+from pymatgen.core import Element, Lattice, Structure
 
-from crystal_gpt.symmetry import (  # noqa: E402
+from crystal_gpt.symmetry import (
     CRYSTAL_SYSTEMS,
     LATTICE_FREE_PARAMS,
     check_spacegroup,
@@ -111,7 +111,8 @@ class WyckoffCrystal:
     def __repr__(self) -> str:
         tables = get_tables()
         sites = " ".join(
-            f"{m}{letter}:{el}" for (letter, el, _), m in zip(self.sites, self.multiplicities, strict=True)
+            f"{m}{letter}:{el}"
+            for (letter, el, _), m in zip(self.sites, self.multiplicities, strict=True)
         )
         lat = ", ".join(f"{v:.3f}" for v in self.lattice)
         return (

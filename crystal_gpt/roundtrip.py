@@ -61,7 +61,7 @@ def check_roundtrip(
             return RoundTrip(
                 "match_supercell",
                 **info,
-                reason="StructureMatcher's primitive reduction differs between original and decoded",
+                reason="StructureMatcher's primitive reduction differs for original and decoded",
             )
     return RoundTrip("no_match", **info, reason=f"StructureMatcher found no match ({wc!r})")
 

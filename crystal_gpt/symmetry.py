@@ -141,7 +141,9 @@ def get_tables() -> WyckoffTables:
         )
     with np.load(path) as z:
         if int(z["version"]) != TABLE_VERSION:
-            raise RuntimeError(f"{path} has table version {int(z['version'])}, need {TABLE_VERSION}")
+            raise RuntimeError(
+                f"{path} has table version {int(z['version'])}, need {TABLE_VERSION}"
+            )
         return WyckoffTables(**{k: z[k] for k in WyckoffTables.__dataclass_fields__})
 
 
@@ -169,7 +171,9 @@ def _matching_hall(group_ops: list, candidates: list[int]) -> int:
         keys = {_op_key(r, t) for r, t in zip(sym["rotations"], sym["translations"], strict=True)}
         if keys == target:
             return hall
-    raise RuntimeError(f"no spglib Hall setting matches pyxtal's operations (candidates {candidates})")
+    raise RuntimeError(
+        f"no spglib Hall setting matches pyxtal's operations (candidates {candidates})"
+    )
 
 
 def build_tables() -> WyckoffTables:

@@ -71,11 +71,18 @@ def test_wrap01():
 
 def test_crystal_systems():
     assert [crystal_system_of(g) for g in (1, 2, 3, 16, 75, 143, 168, 195, 230)] == [
-        "triclinic", "triclinic", "monoclinic", "orthorhombic", "tetragonal",
-        "trigonal", "hexagonal", "cubic", "cubic",
+        "triclinic",
+        "triclinic",
+        "monoclinic",
+        "orthorhombic",
+        "tetragonal",
+        "trigonal",
+        "hexagonal",
+        "cubic",
+        "cubic",
     ]
     assert len(LATTICE_FREE_PARAMS["monoclinic"]) == 4
-    with pytest.raises(ValueError, match="1..230"):
+    with pytest.raises(ValueError, match=r"1\.\.230"):
         crystal_system_of(231)
 
 
