@@ -171,6 +171,13 @@ class EncodedDataset:
         return cls(**fields, properties=props, errors=errors)
 
 
+def process_pool(workers: int):
+    """A worker pool that plain user scripts can use: fork where the OS has it (no
+    ``if __name__ == "__main__"`` guard needed, workers share the imported modules), else spawn."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method).Pool(workers)
+
+
 def _encode_row(args: tuple[RawRow, float, str]):
     row, symprec, mode = args
     parsed = parse_row(row)
@@ -211,10 +218,7 @@ def encode_rows(
     results = []
     bar = tqdm(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
     if workers > 1:
-        ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["crystal_gpt.encoding"])
-        with ctx.Pool(workers) as pool:
+        with process_pool(workers) as pool:
             for res in pool.imap(_encode_row, jobs, chunksize=32):
                 results.append(res)
                 bar.update()

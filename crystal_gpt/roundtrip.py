@@ -10,7 +10,6 @@ and the plain fit then fails for a reason unrelated to the codec. Such cases are
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 import warnings
 from collections import Counter
@@ -20,6 +19,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
+from crystal_gpt.encoding import process_pool
 from crystal_gpt.representation import DEFAULT_SYMPREC, decode, encode
 
 STATUSES = ("match", "match_supercell", "no_match", "error")
@@ -82,7 +82,7 @@ def check_roundtrips(
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, file=sys.stderr)
     out: list[RoundTrip] = []
     if workers > 1:
-        with mp.get_context("forkserver").Pool(workers) as pool:
+        with process_pool(workers) as pool:
             for res in pool.imap(_check, jobs, chunksize=16):
                 out.append(res)
                 bar.update()
