@@ -122,6 +122,55 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from crystal_gpt.training import load_config, train
+
+    overrides = list(args.set or [])
+    if args.dataset:
+        overrides.append(f"dataset={args.dataset}")
+    for key in ("epochs", "seed", "device", "threads", "limit"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(args.preset, args.config, overrides)
+    summary = train(
+        cfg, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after
+    ).summary
+    if summary:
+        print(
+            f"best hold-out NLL {summary['best_val_nll']:.3f} nats/crystal at epoch "
+            f"{summary['best_epoch']}; checkpoints, log.csv and loss.png in {args.out}"
+        )
+    return 0
+
+
+def cmd_nll(args: argparse.Namespace) -> int:
+    import torch
+
+    from crystal_gpt.batch import PaddedCrystals
+    from crystal_gpt.training import evaluate_nll, load_model, pick_device
+
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint, device)
+    ds = encode_dataset(args.dataset, args.split, symprec=args.symprec, progress=not args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = evaluate_nll(
+        model, PaddedCrystals(ds, model.config.max_sites), device=device, progress=not args.quiet
+    )
+    res.update(dataset=args.dataset, split=args.split, checkpoint=str(args.checkpoint))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        parts = ", ".join(f"{p} {res[f'nll_{p}']:.3f}" for p in ("g", "W", "A", "X", "L"))
+        print(
+            f"{args.dataset}/{args.split}: {res['crystals']} crystals, NLL "
+            f"{res['nll_total']:.3f} nats/crystal, {res['nll_per_atom']:.3f} nats/atom "
+            f"({parts})"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="crystal-gpt",
@@ -171,6 +220,38 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--show-errors", action="store_true", help="list unreadable rows")
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.set_defaults(func=cmd_data_info)
+
+    tr = sub.add_parser("train", help="train a model by maximum likelihood (torchrun for DDP)")
+    tr.add_argument("--preset", default="small", help="tiny | small (CPU default) | large (GPU)")
+    tr.add_argument("--config", help="TOML or JSON file on top of the preset")
+    tr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set lr=3e-4 --set model.n_layers=6",
+    )
+    tr.add_argument("--dataset", help="dataset name or CDVAE-format CSV (default: mp_20)")
+    tr.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, loss.png")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    tr.add_argument("--threads", type=int, help="CPU threads for torch")
+    tr.add_argument("--limit", type=int, help="use only the first N training crystals")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    tr.add_argument("--stop-after", type=int, help="stop this invocation after N epochs")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=cmd_train)
+
+    nl = sub.add_parser("nll", help="exact negative log-likelihood of a split under a model")
+    nl.add_argument("checkpoint", help="a run's best.pt or last.pt")
+    nl.add_argument("--dataset", default="mp_20")
+    nl.add_argument("--split", default="test")
+    nl.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC)
+    nl.add_argument("--device", default="auto")
+    nl.add_argument("--threads", type=int)
+    nl.add_argument("--json", action="store_true")
+    nl.add_argument("--quiet", action="store_true")
+    nl.set_defaults(func=cmd_nll)
     return ap
 
 

@@ -89,7 +89,9 @@ class SymmetryTensors(nn.Module):
         legal = in_group & (letters >= lower.unsqueeze(-1))
         ended = (~first) & (prev_w == self.pad)
         is_pad = letters == self.pad
-        legal = torch.where(ended.unsqueeze(-1), is_pad.expand_as(legal), legal | (is_pad & ~first.unsqueeze(-1)))
+        legal = torch.where(
+            ended.unsqueeze(-1), is_pad.expand_as(legal), legal | (is_pad & ~first.unsqueeze(-1))
+        )
         return legal
 
 
@@ -146,8 +148,10 @@ def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
 def von_mises_mixture_sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
     logits, mu, raw_kappa = params.chunk(3, dim=-1)
     kappa = F.softplus(raw_kappa) + 1e-3
-    comp = torch.multinomial(F.softmax(logits.float(), -1).reshape(-1, logits.shape[-1]), 1, generator=generator)
-    comp = comp.view(logits.shape[:-1] + (1,))
+    comp = torch.multinomial(
+        F.softmax(logits.float(), -1).reshape(-1, logits.shape[-1]), 1, generator=generator
+    )
+    comp = comp.view((*logits.shape[:-1], 1))
     m = mu.gather(-1, comp).squeeze(-1)
     k = kappa.gather(-1, comp).squeeze(-1)
     theta = torch.distributions.VonMises(m.double(), k.double()).sample().float()
@@ -180,9 +184,7 @@ class CrystalGPT(nn.Module):
         self.head_a = mlp(d, d, NUM_ELEMENTS)
         self.out_a = nn.Embedding(NUM_ELEMENTS, d)
         K = c.coord_mixtures
-        self.head_x = nn.ModuleList(
-            mlp(d + j * 2 * c.fourier_freqs, d, 3 * K) for j in range(3)
-        )
+        self.head_x = nn.ModuleList(mlp(d + j * 2 * c.fourier_freqs, d, 3 * K) for j in range(3))
         self.lattice_ctx = mlp(2 * d, d, d)
         self.flows = nn.ModuleDict(
             {
@@ -259,7 +261,13 @@ class CrystalGPT(nn.Module):
         return self.head_w(h).masked_fill(~mask, float("-inf"))
 
     def a_logits(
-        self, h: Tensor, g: Tensor, w: Tensor, prev_w: Tensor, prev_a: Tensor, first: Tensor,
+        self,
+        h: Tensor,
+        g: Tensor,
+        w: Tensor,
+        prev_w: Tensor,
+        prev_a: Tensor,
+        first: Tensor,
         allowed: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Element logits given the chosen letter; returns (logits, context for X)."""
@@ -282,7 +290,9 @@ class CrystalGPT(nn.Module):
     def lattice_context(self, h_last: Tensor, g: Tensor) -> Tensor:
         return self.lattice_ctx(torch.cat([h_last, self.emb_g(g)], dim=-1))
 
-    def lattice_transform(self, lattice: Tensor, g: Tensor, num_atoms: Tensor) -> tuple[Tensor, Tensor]:
+    def lattice_transform(
+        self, lattice: Tensor, g: Tensor, num_atoms: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Full (a,b,c,al,be,ga) -> standardised free parameters (B, 6, zero-padded) and
         log|det d(standardised)/d(free params)| (B,)."""
         system = self.sym.crystal_system[g]
@@ -305,8 +315,17 @@ class CrystalGPT(nn.Module):
         return out + logdet
 
     # ---------------------------------------------------------------- likelihood
-    def forward(self, batch: dict[str, Tensor], conditions: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Exact log-likelihood per crystal and per part (g, W, A, X, L), in nats."""
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        conditions: dict[str, Tensor] | None = None,
+        per_step: bool = False,
+    ) -> dict[str, Tensor]:
+        """Exact log-likelihood per crystal and per part (g, W, A, X, L), in nats.
+
+        ``per_step=True`` adds ``W_steps``, ``A_steps``, ``X_steps`` (B, T+1): the terms of each
+        predicted site (the last valid step is the end of the sequence).
+        """
         g, w, a, x = batch["g"], batch["w"], batch["a"], batch["x"]
         n = batch["n"]
         B, T = w.shape  # T = max sites; position k >= n is padding
@@ -352,6 +371,40 @@ class CrystalGPT(nn.Module):
             "L": self.lattice_logprob(lat_ctx, batch["lattice"], g, batch["num_atoms"]),
         }
         out["total"] = sum(out[p] for p in PARTS)
+        if per_step:
+            out["W_steps"] = lp_w
+            for key, val in (("A_steps", lp_a), ("X_steps", lp_x)):
+                full = torch.zeros(B, T + 1, device=g.device)
+                full[is_site] = val
+                out[key] = full
+        return out
+
+    @torch.no_grad()
+    def log_prob(
+        self, structures: list, symprec: float = 0.01, batch_size: int = 256
+    ) -> dict[str, Tensor]:
+        """Exact log-likelihood (nats) of pymatgen Structures, per crystal: total and per part.
+
+        Each structure is encoded (Wyckoff representation, ``symprec``) and scored in its
+        canonical site order; ``per_atom`` divides by the atoms of the conventional cell.
+        """
+        from crystal_gpt.batch import PaddedCrystals, bucketed_batches, crystals_to_encoded
+        from crystal_gpt.representation import encode
+
+        data = PaddedCrystals(
+            crystals_to_encoded([encode(s, symprec) for s in structures]), self.config.max_sites
+        )
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        keys = (*PARTS, "total")
+        out = {k: torch.zeros(len(data)) for k in keys}
+        for idx in bucketed_batches(data.n, batch_size):
+            res = self(data.batch(idx, device))
+            for k in keys:
+                out[k][torch.as_tensor(idx)] = res[k].float().cpu()
+        self.train(was_training)
+        out["per_atom"] = out["total"] / torch.as_tensor(data.num_atoms, dtype=torch.float32)
         return out
 
     def num_parameters(self) -> int:
@@ -405,6 +458,26 @@ def _unpack_used(zs: Tensor, system: Tensor) -> Tensor:
     return out
 
 
+def lattice_statistics(data) -> tuple[Tensor, Tensor]:
+    """Mean and std of the lattice features per crystal system (7, 6), from training data.
+
+    ``data`` has ``.lattice`` (N, 6), ``.g`` (N,) and ``.num_atoms`` (N,). Systems with fewer
+    than 10 crystals use the statistics of all crystals.
+    """
+    system = torch.as_tensor(get_tables().crystal_system.astype("int64"))[torch.as_tensor(data.g)]
+    z, _ = _lattice_features(
+        torch.as_tensor(data.lattice, dtype=torch.float32), system, torch.as_tensor(data.num_atoms)
+    )
+    mean = z.mean(0).expand(7, 6).clone()
+    std = z.std(0).clamp(min=1e-2).expand(7, 6).clone() if len(z) > 1 else torch.ones(7, 6)
+    for s in range(7):
+        sel = system == s
+        if int(sel.sum()) >= 10:
+            mean[s] = z[sel].mean(0)
+            std[s] = z[sel].std(0).clamp(min=1e-2)
+    return mean, std
+
+
 def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tensor:
     """Inverse of the feature map: free features (B, 6) -> full (a, b, c, alpha, beta, gamma)."""
     lengths = torch.exp(z[:, :3] + torch.log(num_atoms.float()).unsqueeze(-1) / 3)
@@ -417,5 +490,9 @@ def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tenso
     sys_hex = (system == 4) | (system == 5)
     alpha = torch.where(used[:, 3], angles[:, 0], torch.full_like(a, 90.0))
     beta = torch.where(used[:, 4], angles[:, 1], torch.full_like(a, 90.0))
-    gamma = torch.where(used[:, 5], angles[:, 2], torch.where(sys_hex, torch.full_like(a, 120.0), torch.full_like(a, 90.0)))
+    gamma = torch.where(
+        used[:, 5],
+        angles[:, 2],
+        torch.where(sys_hex, torch.full_like(a, 120.0), torch.full_like(a, 90.0)),
+    )
     return torch.stack([a, b, c, alpha, beta, gamma], dim=-1)

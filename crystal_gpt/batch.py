@@ -1,0 +1,99 @@
+"""Encoded crystals -> padded tensors, and length-bucketed batches (no padding to 21 sites)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crystal_gpt.encoding import EncodedDataset
+from crystal_gpt.representation import WyckoffCrystal
+
+
+class PaddedCrystals:
+    """A whole encoded dataset as padded arrays, built once; a batch is a slice of rows."""
+
+    def __init__(self, ds: EncodedDataset, max_sites: int | None = None) -> None:
+        n = ds.num_sites.astype(np.int64)
+        if len(n) == 0:
+            raise ValueError("the dataset is empty")
+        if max_sites is not None and n.max() > max_sites:
+            raise ValueError(
+                f"a crystal has {int(n.max())} Wyckoff sites; the model takes at most {max_sites}"
+            )
+        N, T = len(n), int(n.max())
+        self.n = n
+        self.g = ds.spacegroup.astype(np.int64)
+        self.w = np.zeros((N, T), dtype=np.int64)
+        self.a = np.zeros((N, T), dtype=np.int64)
+        self.x = np.zeros((N, T, 3), dtype=np.float32)
+        pos = np.arange(T)[None, :] < n[:, None]
+        self.w[pos] = ds.wyckoff
+        self.a[pos] = ds.species
+        self.x[pos] = ds.coords
+        self.lattice = ds.lattice.astype(np.float32)
+        self.num_atoms = ds.num_atoms.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        T = int(self.n[idx].max())
+        arrays = {
+            "g": self.g[idx],
+            "w": self.w[idx, :T],
+            "a": self.a[idx, :T],
+            "x": self.x[idx, :T],
+            "n": self.n[idx],
+            "lattice": self.lattice[idx],
+            "num_atoms": self.num_atoms[idx],
+        }
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+
+
+def crystals_to_encoded(crystals: Sequence[WyckoffCrystal]) -> EncodedDataset:
+    """Wrap in-memory WyckoffCrystals as an EncodedDataset (for log_prob on user structures)."""
+    n = np.array([c.num_sites for c in crystals], dtype=np.int64)
+    return EncodedDataset(
+        ids=np.array([str(i) for i in range(len(crystals))]),
+        rows=np.arange(len(crystals)),
+        spacegroup=np.array([c.spacegroup for c in crystals], dtype=np.int16),
+        site_start=np.concatenate([[0], np.cumsum(n)]).astype(np.int64),
+        wyckoff=np.concatenate([c.wyckoff for c in crystals]).astype(np.int16),
+        species=np.concatenate([c.species for c in crystals]).astype(np.int16),
+        coords=np.concatenate([c.coords for c in crystals]).astype(float),
+        lattice=np.array([c.lattice_parameters for c in crystals], dtype=float).reshape(-1, 6),
+        symprec=np.array([np.nan if c.symprec is None else c.symprec for c in crystals]),
+        fallback=np.array(["fallback" in c.meta for c in crystals], dtype=bool),
+        properties={},
+        errors=[],
+    )
+
+
+def bucketed_batches(
+    num_sites: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator | None = None,
+    max_tokens: int | None = None,
+) -> list[np.ndarray]:
+    """Batches of crystals of similar length, in random order when rng is given.
+
+    Sorting by length (with random tie order) keeps padding small; ``max_tokens`` caps
+    batch_size * longest sequence, so long crystals come in smaller batches.
+    """
+    n = np.asarray(num_sites)
+    jitter = rng.random(len(n)) if rng is not None else np.arange(len(n)) / max(len(n), 1)
+    order = np.lexsort((jitter, n))
+    batches, start = [], 0
+    while start < len(order):
+        stop = min(start + batch_size, len(order))
+        if max_tokens is not None:
+            while stop - start > 1 and (stop - start) * (n[order[stop - 1]] + 1) > max_tokens:
+                stop -= 1
+        batches.append(order[start:stop])
+        start = stop
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches

@@ -1,0 +1,203 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crystal_gpt import encode_dataset
+from crystal_gpt.batch import PaddedCrystals, bucketed_batches
+from crystal_gpt.model import (
+    LATTICE_DIMS,
+    CrystalGPT,
+    ModelConfig,
+    SymmetryTensors,
+    _lattice_features,
+    lattice_from_features,
+    lattice_statistics,
+    von_mises_mixture_logpdf,
+)
+from crystal_gpt.symmetry import get_tables
+from crystal_gpt.training import load_config
+
+TINY = load_config("tiny").model
+
+
+@pytest.fixture(scope="module")
+def data() -> PaddedCrystals:
+    ds = encode_dataset("mp_20", "train_first1000", workers=2, progress=False)
+    return PaddedCrystals(ds)
+
+
+@pytest.fixture(scope="module")
+def model(data) -> CrystalGPT:
+    torch.manual_seed(0)
+    m = CrystalGPT(TINY)
+    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    return m.eval()
+
+
+def test_causality(model, data):
+    """Changing site k never changes the terms of earlier sites, only its own and later ones."""
+    idx = np.nonzero(data.n >= 4)[0][:8]
+    batch = data.batch(idx)
+    ref = model(batch, per_step=True)
+    k = 2  # change site index 2 (the third site): its input token is position 3
+    changed = {key: v.clone() for key, v in batch.items()}
+    changed["x"][:, k] = torch.rand_like(changed["x"][:, k])
+    changed["a"][:, k] = (changed["a"][:, k] % 80) + 1
+    new = model(changed, per_step=True)
+    # output step j predicts site j: steps < k never see site k; its letter term neither
+    for key in ("W_steps", "A_steps", "X_steps"):
+        assert torch.allclose(ref[key][:, :k], new[key][:, :k], atol=1e-5), key
+        assert not torch.allclose(ref[key][:, k + 1 :], new[key][:, k + 1 :]), key
+    assert torch.allclose(ref["W_steps"][:, k], new["W_steps"][:, k], atol=1e-5)
+    assert torch.allclose(ref["g"], new["g"])
+
+
+def test_parts_sum_and_are_finite_for_every_training_crystal(model, data):
+    """The masks never exclude a real crystal: every log-likelihood term is finite."""
+    for idx in bucketed_batches(data.n, 256):
+        out = model(data.batch(idx))
+        for key in ("g", "W", "A", "X", "L", "total"):
+            assert torch.isfinite(out[key]).all(), key
+        parts = out["g"] + out["W"] + out["A"] + out["X"] + out["L"]
+        assert torch.allclose(parts, out["total"])
+
+
+def test_letter_masks_follow_the_rules():
+    sym = SymmetryTensors()
+    t = get_tables()
+    g = torch.tensor([225, 225, 225, 2])
+    prev = torch.tensor([0, 8, 0, 1])
+    first = torch.tensor([True, False, False, False])
+    mask = sym.letter_mask(g, prev, first)
+    pad = sym.pad
+    assert mask[0, :12].all() and not mask[0, 12:].any()  # first site: any letter, no end
+    assert mask[1, 8:12].all() and not mask[1, :8].any() and mask[1, pad]  # 225 'i' has dof 1
+    assert not mask[2, 0] and mask[2, 1]  # 'a' has no freedom: not twice
+    assert t.dof[2, 1] == 0 and not mask[3, 1] and mask[3, 2:9].all()
+    ended = sym.letter_mask(g[:1], torch.tensor([pad]), torch.tensor([False]))
+    assert ended[0, pad] and ended[0].sum() == 1  # the end is absorbing
+
+
+def test_categoricals_are_normalised(model, data):
+    idx = np.arange(16)
+    batch = data.batch(idx)
+    h = torch.randn(16, TINY.d_model)
+    g = batch["g"]
+    logits = model.w_logits(h, g, batch["w"][:, 0], torch.zeros(16, dtype=torch.bool))
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(p.sum(-1), torch.ones(16))
+    assert (p[~torch.isfinite(logits)] == 0).all()
+    la, _ = model.a_logits(
+        h,
+        g,
+        batch["w"][:, 1],
+        batch["w"][:, 0],
+        batch["a"][:, 0],
+        torch.zeros(16, dtype=torch.bool),
+    )
+    pa = torch.softmax(la, -1)
+    assert torch.allclose(pa.sum(-1), torch.ones(16)) and (pa[:, 0] == 0).all()
+
+
+def test_von_mises_mixture_integrates_to_one():
+    torch.manual_seed(1)
+    params = torch.randn(5, 3 * 8) * 2
+    grid = (torch.arange(20000) + 0.5) / 20000
+    logp = von_mises_mixture_logpdf(grid[:, None].expand(-1, 5), params.expand(20000, -1, -1))
+    integral = logp.exp().mean(0)
+    assert torch.allclose(integral, torch.ones(5), atol=1e-4)
+
+
+@pytest.mark.parametrize("system_group", [(6, 225), (3, 123), (5, 191)])
+def test_lattice_density_integrates_to_one(model, system_group):
+    """The lattice density, in Angstrom (and degrees), integrates to one on a grid."""
+    system, g = system_group
+    assert LATTICE_DIMS[system] in (1, 2)
+    ctx = torch.randn(1, TINY.d_model)
+    n_atoms = torch.tensor([8])
+    mean, std = model.lat_mean[system], model.lat_std[system]
+    lo = torch.exp(mean[0] - 6 * std[0] + math.log(8) / 3)
+    hi = torch.exp(mean[0] + 6 * std[0] + math.log(8) / 3)
+    if LATTICE_DIMS[system] == 1:
+        a = torch.linspace(float(lo), float(hi), 20001)
+        lat = torch.stack([a, a, a, *(torch.full_like(a, 90.0),) * 3], -1)
+        lp = model.lattice_logprob(
+            ctx.expand(len(a), -1),
+            lat,
+            torch.full_like(a, g, dtype=torch.long),
+            n_atoms.expand(len(a)),
+        )
+        integral = torch.trapezoid(lp.exp(), a)
+    else:
+        lo_c = torch.exp(mean[2] - 6 * std[2] + math.log(8) / 3)
+        hi_c = torch.exp(mean[2] + 6 * std[2] + math.log(8) / 3)
+        a = torch.linspace(float(lo), float(hi), 400)
+        c = torch.linspace(float(lo_c), float(hi_c), 400)
+        A, C = torch.meshgrid(a, c, indexing="ij")
+        gamma = 120.0 if system == 5 else 90.0
+        lat = torch.stack(
+            [
+                A.flatten(),
+                A.flatten(),
+                C.flatten(),
+                torch.full((A.numel(),), 90.0),
+                torch.full((A.numel(),), 90.0),
+                torch.full((A.numel(),), gamma),
+            ],
+            -1,
+        )
+        lp = model.lattice_logprob(
+            ctx.expand(len(lat), -1),
+            lat,
+            torch.full((len(lat),), g, dtype=torch.long),
+            n_atoms.expand(len(lat)),
+        )
+        integral = torch.trapezoid(torch.trapezoid(lp.exp().view(400, 400), c, dim=1), a)
+    assert abs(float(integral) - 1.0) < 0.02
+
+
+def test_lattice_feature_map_inverts(data):
+    lat = torch.as_tensor(data.lattice[:200])
+    g = torch.as_tensor(data.g[:200])
+    system = torch.as_tensor(get_tables().crystal_system.astype("int64"))[g]
+    n = torch.as_tensor(data.num_atoms[:200])
+    z, _ = _lattice_features(lat, system, n)
+    assert torch.allclose(lattice_from_features(z, system, n), lat, atol=1e-3)
+
+
+def test_log_prob_of_structures(model):
+    from crystal_gpt import load_dataset
+
+    structures = load_dataset("perov_5", "test", limit=4).structures
+    out = model.log_prob(structures)
+    assert out["total"].shape == (4,) and torch.isfinite(out["per_atom"]).all()
+    assert torch.allclose(out["per_atom"] * 5, out["total"], atol=1e-3)  # cubic perovskites
+
+
+def test_tiny_model_overfits_a_handful(data):
+    torch.manual_seed(0)
+    m = CrystalGPT(
+        ModelConfig(
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            d_ff=128,
+            coord_mixtures=8,
+            fourier_freqs=3,
+            flow_transforms=2,
+            flow_hidden=32,
+        )
+    )
+    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    batch = data.batch(np.arange(8))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(250):
+        loss = -m(batch)["total"].mean()
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first - 40, (first, float(loss))

@@ -1,0 +1,162 @@
+import csv
+import itertools
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as tmp
+
+from crystal_gpt import encode_dataset
+from crystal_gpt.cli import main as cli_main
+from crystal_gpt.training import TrainConfig, load_config, load_model, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    ds = encode_dataset("carbon_24", "holdout", workers=2, progress=False)
+    return ds.select(np.arange(80)), ds.select(np.arange(80, 102))
+
+
+def tiny(**over) -> TrainConfig:
+    return load_config("tiny", overrides=[f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def test_presets_and_overrides(tmp_path):
+    for name in ("tiny", "small", "large"):
+        assert load_config(name).model.d_model > 0
+    cfg = load_config("small", overrides=["lr=3e-4", "model.n_layers=6", "dataset=perov_5"])
+    assert cfg.lr == 3e-4 and cfg.model.n_layers == 6 and cfg.dataset == "perov_5"
+    user = tmp_path / "my.toml"
+    user.write_text("batch_size = 7\n[model]\nd_model = 48\n")
+    cfg = load_config("tiny", user)
+    assert cfg.batch_size == 7 and cfg.model.d_model == 48 and cfg.model.n_layers == 1
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("huge")
+    with pytest.raises(ValueError, match="unknown training settings"):
+        load_config("tiny", overrides=["learning_rate=1"])
+    with pytest.raises(ValueError, match="unknown model settings"):
+        load_config("tiny", overrides=["model.depth=1"])
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_train_writes_logs_checkpoints_and_resumes_exactly(tmp_path, small_data):
+    train_ds, val_ds = small_data
+    cfg = tiny(epochs=4, seed=3)
+    full = train(cfg, tmp_path / "a", train_data=train_ds, val_data=val_ds, progress=False)
+    assert full.summary["epochs"] == 4
+    for name in ("last.pt", "best.pt", "log.csv", "loss.png", "summary.json", "config.json"):
+        assert (tmp_path / "a" / name).exists(), name
+    with open(tmp_path / "a" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and float(rows[-1]["train_nll"]) < float(rows[0]["train_nll"])
+    # interrupted after 2 epochs, then resumed: the same parameters as the uninterrupted run
+    train(cfg, tmp_path / "b", train_data=train_ds, val_data=val_ds, progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, tmp_path / "b", train_data=train_ds, val_data=val_ds, progress=False)
+    resumed = train(
+        cfg, tmp_path / "b", train_data=train_ds, val_data=val_ds, progress=False, resume=True
+    )
+    for (k, p), q in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(p, q, atol=1e-6), k
+    model = load_model(tmp_path / "a" / "best.pt")
+    assert model.config.d_model == cfg.model.d_model
+
+
+def test_early_stopping(tmp_path, small_data):
+    train_ds, val_ds = small_data
+    cfg = tiny(epochs=50, patience=2, lr=0.5, warmup_steps=1)  # diverges: stops after 2 bad
+    res = train(cfg, tmp_path / "es", train_data=train_ds, val_data=val_ds, progress=False)
+    assert res.summary["epochs"] < 50
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, train_ds, val_ds, q) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    res = train(tiny(epochs=2, seed=1), out, train_data=train_ds, val_data=val_ds, progress=False)
+    q.put((rank, [p.detach().numpy().copy() for p in res.model.parameters()]))  # by value
+
+
+def test_ddp_two_cpu_processes(tmp_path, small_data):
+    """torchrun-style DDP on two CPU processes (gloo): ranks stay in sync, rank 0 writes."""
+    train_ds, val_ds = small_data
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = tmp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    procs = tmp.start_processes(
+        _ddp_worker,
+        args=(2, port, str(tmp_path / "ddp"), train_ds, val_ds, q),
+        nprocs=2,
+        start_method="spawn",
+        join=False,
+    )
+    got = dict(q.get() for _ in range(2))  # read before joining: a full pipe blocks the writer
+    while not procs.join():
+        pass
+    for p0, p1 in zip(got[0], got[1], strict=True):
+        assert np.array_equal(p0, p1)
+    with open(tmp_path / "ddp" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and (tmp_path / "ddp" / "best.pt").exists()
+
+
+def test_cli_train_and_nll(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert (
+        cli_main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--dataset",
+                "carbon_24",
+                "--limit",
+                "64",
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "best hold-out NLL" in capsys.readouterr().out
+    assert (
+        cli_main(
+            [
+                "nll",
+                str(out / "best.pt"),
+                "--dataset",
+                "carbon_24",
+                "--split",
+                "holdout",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["crystals"] == 102 and np.isfinite(res["nll_total"])
+    assert cli_main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
