@@ -13,7 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +178,32 @@ def process_pool(workers: int):
     return mp.get_context(method).Pool(workers)
 
 
+def parallel_map(
+    fn: Callable,
+    jobs: Iterable,
+    workers: int | None,
+    total: int | None,
+    desc: str,
+    progress: bool,
+    chunksize: int = 32,
+) -> list:
+    """``[fn(job) for job in jobs]`` over worker processes (in order), with a progress bar."""
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
+    results = []
+    if workers > 1:
+        with process_pool(workers) as pool:
+            for res in pool.imap(fn, jobs, chunksize=chunksize):
+                results.append(res)
+                bar.update()
+    else:
+        for job in jobs:
+            results.append(fn(job))
+            bar.update()
+    bar.close()
+    return results
+
+
 def _encode_row(args: tuple[RawRow, float, str]):
     row, symprec, mode = args
     parsed = parse_row(row)
@@ -213,21 +239,8 @@ def encode_rows(
     progress: bool = True,
 ) -> EncodedDataset:
     """Parse and encode rows in parallel processes, with a progress bar."""
-    workers = workers or os.cpu_count() or 1
     jobs = ((r, symprec, mode) for r in rows)
-    results = []
-    bar = tqdm(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
-    if workers > 1:
-        with process_pool(workers) as pool:
-            for res in pool.imap(_encode_row, jobs, chunksize=32):
-                results.append(res)
-                bar.update()
-    else:
-        for job in jobs:
-            results.append(_encode_row(job))
-            bar.update()
-    bar.close()
-    return _assemble(results)
+    return _assemble(parallel_map(_encode_row, jobs, workers, total, desc, progress))
 
 
 def _assemble(results: list) -> EncodedDataset:

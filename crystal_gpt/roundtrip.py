@@ -10,16 +10,14 @@ and the plain fit then fails for a reason unrelated to the codec. Such cases are
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
-from tqdm.auto import tqdm
 
-from crystal_gpt.encoding import process_pool
+from crystal_gpt.encoding import parallel_map
 from crystal_gpt.representation import DEFAULT_SYMPREC, decode, encode
 
 STATUSES = ("match", "match_supercell", "no_match", "error")
@@ -79,19 +77,7 @@ def check_roundtrips(
     desc: str = "round trip",
 ) -> list[RoundTrip]:
     jobs = [(s, symprec, mode) for s in structures]
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, file=sys.stderr)
-    out: list[RoundTrip] = []
-    if workers > 1:
-        with process_pool(workers) as pool:
-            for res in pool.imap(_check, jobs, chunksize=16):
-                out.append(res)
-                bar.update()
-    else:
-        for job in jobs:
-            out.append(_check(job))
-            bar.update()
-    bar.close()
-    return out
+    return parallel_map(_check, jobs, workers, len(jobs), desc, progress, chunksize=16)
 
 
 def summarize(results: list[RoundTrip]) -> dict[str, float]:
