@@ -201,3 +201,28 @@ def test_tiny_model_overfits_a_handful(data):
         loss.backward()
         opt.step()
     assert float(loss) < first - 40, (first, float(loss))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "split"),
+    [
+        ("perov_5", "train"),
+        ("perov_5", "val"),
+        ("perov_5", "test"),
+        ("carbon_24", "val"),
+        ("carbon_24", "test"),
+        ("mp_20", "train_first1000"),
+        ("mp_20", "val"),
+        ("mp_20", "test"),
+        ("mpts_52", "val"),
+        ("mpts_52", "test"),
+    ],
+)
+def test_every_vendored_crystal_has_finite_likelihood(model, name, split):
+    """Masks never exclude a real crystal, on every vendored file (slow: encodes them all)."""
+    data = PaddedCrystals(encode_dataset(name, split, progress=False))
+    for idx in bucketed_batches(data.n, 512):
+        with torch.no_grad():
+            out = model(data.batch(idx))
+        assert torch.isfinite(out["total"]).all()
