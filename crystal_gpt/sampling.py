@@ -1,0 +1,189 @@
+"""Ancestral sampling with a key/value cache: each site costs one incremental transformer step.
+
+Every sample is symmetry-consistent by construction: letters come from the masked categorical
+of the group, coordinates are projected onto their Wyckoff position (fixed coordinates exact),
+and the lattice is drawn in the crystal system's free parameters only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crystal_gpt.model import (
+    LATTICE_DIMS,
+    CrystalGPT,
+    _unpack_used,
+    lattice_from_features,
+    von_mises_mixture_sample,
+)
+from crystal_gpt.representation import WyckoffCrystal, reduce_lattice_parameters
+from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
+
+
+def _sample_logits(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def spacegroup_mask(spacegroups: int | Iterable[int] | None, device) -> Tensor:
+    """Allowed space groups as a (231,) bool mask (index 0 never allowed)."""
+    mask = torch.zeros(231, dtype=torch.bool, device=device)
+    if spacegroups is None:
+        mask[1:] = True
+        return mask
+    groups = [spacegroups] if isinstance(spacegroups, int | np.integer) else list(spacegroups)
+    if not groups:
+        raise ValueError("no space group to sample from")
+    for g in groups:
+        mask[check_spacegroup(int(g))] = True
+    return mask
+
+
+@torch.no_grad()
+def sample_crystals(
+    model: CrystalGPT,
+    n: int,
+    *,
+    spacegroup: int | Iterable[int] | None = None,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 500,
+) -> list[WyckoffCrystal]:
+    """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g)."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    device = next(model.parameters()).device
+    seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    out: list[WyckoffCrystal] = []
+    was_training = model.training
+    model.eval()
+    # von Mises and flow draws use torch's global RNG: seed it without disturbing the caller's
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            while len(out) < n:
+                out.extend(
+                    _sample_batch(
+                        model, min(batch_size, n - len(out)), spacegroup, temperature, gen, device
+                    )
+                )
+        finally:
+            model.train(was_training)
+    return out
+
+
+def _sample_batch(
+    model: CrystalGPT, B: int, spacegroup, temperature: float, gen: torch.Generator, device
+) -> list[WyckoffCrystal]:
+    sym = model.sym
+    allowed_g = spacegroup_mask(spacegroup, device)
+    g_logits = model.g_logits(None).masked_fill(~allowed_g, float("-inf"))
+    g = _sample_logits(g_logits.expand(B, -1).cpu(), temperature, gen).to(device)
+
+    caches: list[dict] = [{} for _ in model.blocks]
+    h = model.backbone(model.start_token(g, None), caches, offset=0)[:, -1]
+    max_sites = model.config.max_sites
+    prev_w = torch.zeros(B, dtype=torch.long, device=device)
+    prev_a = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    h_end = torch.zeros_like(h)
+    sites_w, sites_a, sites_x = [], [], []
+    for k in range(max_sites + 1):
+        first = torch.full((B,), k == 0, device=device)
+        w_logits = model.w_logits(h, g, prev_w, first)
+        if k == max_sites:  # no room for another site: end
+            w_logits = torch.where(
+                torch.arange(w_logits.shape[-1], device=device) == sym.pad, 0.0, float("-inf")
+            ).expand_as(w_logits)
+        w = _sample_logits(w_logits.cpu(), temperature, gen).to(device)
+        w = torch.where(done, torch.full_like(w, sym.pad), w)
+        ends = (w == sym.pad) & ~done
+        h_end[ends] = h[ends]
+        done = done | ends
+        if bool(done.all()):
+            break
+        wc = torch.where(done, torch.zeros_like(w), w)  # ended rows carry a harmless dummy site
+        a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first)
+        a = _sample_logits(a_logits.cpu(), temperature, gen).to(device)
+        x = torch.zeros(B, 3, device=device)
+        for j in range(3):
+            params = model.x_params(ctx, a, x, j)
+            x[:, j] = von_mises_mixture_sample(params.cpu(), gen).to(device)
+        x = _project(g, wc, x)
+        sites_w.append(w)
+        sites_a.append(a)
+        sites_x.append(x)
+        emb = model.embed_sites(g, wc.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
+        h = model.backbone(emb, caches, offset=k + 1)[:, -1]
+        prev_w, prev_a = wc, a
+
+    lattice = _sample_lattice(model, h_end, g, sites_w, temperature, gen)
+    return _to_crystals(g, sites_w, sites_a, sites_x, lattice, sym.pad)
+
+
+def _project(g: Tensor, w: Tensor, x: Tensor) -> Tensor:
+    """Sampled coordinates onto the Wyckoff position: fixed ones exact, all in [0, 1)."""
+    t = get_tables()
+    rot = torch.as_tensor(t.proj_rot, dtype=x.dtype, device=x.device)[g, w]
+    trans = torch.as_tensor(t.proj_trans, dtype=x.dtype, device=x.device)[g, w]
+    return torch.remainder(torch.einsum("bij,bj->bi", rot, x) + trans, 1.0)
+
+
+def _sample_lattice(model, h_end, g, sites_w, temperature, gen) -> Tensor:
+    sym = model.sym
+    t = get_tables()
+    mult = torch.as_tensor(t.multiplicity.astype("int64"), device=g.device)
+    n_atoms = torch.zeros_like(g)
+    for w in sites_w:
+        real = w != sym.pad
+        n_atoms = n_atoms + torch.where(real, mult[g, w.clamp(max=sym.max_letters - 1)], 0)
+    n_atoms = n_atoms.clamp(min=1)
+    ctx = model.lattice_context(h_end, g)
+    system = sym.crystal_system[g]
+    dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[system]
+    z = torch.zeros(len(g), 6, device=g.device)
+    for key, flow in model.flows.items():
+        sel = dims == int(key)
+        if sel.any():
+            zs = flow(ctx[sel]).sample()
+            z[sel] = _unpack_used(zs, system[sel])
+    mean, std = model.lat_mean[system], model.lat_std[system]
+    z = z * std + mean
+    return lattice_from_features(z, system, n_atoms)
+
+
+def _to_crystals(g, sites_w, sites_a, sites_x, lattice, pad) -> list[WyckoffCrystal]:
+    tables = get_tables()
+    W = torch.stack(sites_w, 1).cpu().numpy() if sites_w else np.zeros((len(g), 0), int)
+    A = torch.stack(sites_a, 1).cpu().numpy() if sites_a else np.zeros((len(g), 0), int)
+    X = torch.stack(sites_x, 1).cpu().double().numpy() if sites_x else np.zeros((len(g), 0, 3))
+    L = lattice.cpu().double().numpy()
+    out = []
+    for i, gi in enumerate(g.cpu().tolist()):
+        keep = W[i] != pad
+        system = CRYSTAL_SYSTEMS[int(tables.crystal_system[gi])]
+        # re-project in float64 so fixed coordinates are exact (1/3, not float32's 0.33333334)
+        coords = np.array(
+            [tables.project(gi, int(w), x) for w, x in zip(W[i][keep], X[i][keep], strict=True)]
+        )
+        coords = coords.reshape(-1, 3)
+        out.append(
+            WyckoffCrystal(
+                spacegroup=gi,
+                wyckoff=W[i][keep].astype(np.int16),
+                species=A[i][keep].astype(np.int16),
+                coords=coords,
+                lattice=reduce_lattice_parameters(system, L[i]),
+                symprec=None,
+            )
+        )
+    return out
