@@ -148,10 +148,11 @@ def cmd_nll(args: argparse.Namespace) -> int:
     import torch
 
     from crystal_gpt.batch import PaddedCrystals
-    from crystal_gpt.training import evaluate_nll, load_model, pick_device
+    from crystal_gpt.pretrained import load_pretrained
+    from crystal_gpt.training import evaluate_nll, pick_device
 
     device = pick_device(args.device)
-    model = load_model(args.checkpoint, device)
+    model = load_pretrained(args.checkpoint, device)
     ds = encode_dataset(args.dataset, args.split, symprec=args.symprec, progress=not args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +168,80 @@ def cmd_nll(args: argparse.Namespace) -> int:
             f"{args.dataset}/{args.split}: {res['crystals']} crystals, NLL "
             f"{res['nll_total']:.3f} nats/crystal, {res['nll_per_atom']:.3f} nats/atom "
             f"({parts})"
+        )
+    return 0
+
+
+def _parse_spacegroups(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, get_tables
+
+    tables = get_tables()
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in CRYSTAL_SYSTEMS:
+            index = CRYSTAL_SYSTEMS.index(part)
+            out += [g for g in range(1, 231) if tables.crystal_system[g] == index]
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            symbols = [str(s).replace("_", "") for s in tables.symbol]
+            if part.replace("_", "") not in symbols:
+                raise ValueError(f"unknown space group or crystal system {part!r}")
+            out.append(symbols.index(part.replace("_", "")))
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from crystal_gpt.batch import PaddedCrystals, crystals_to_encoded
+    from crystal_gpt.io import write_samples
+    from crystal_gpt.pretrained import load_pretrained
+    from crystal_gpt.representation import decode
+    from crystal_gpt.sampling import sample_crystals
+    from crystal_gpt.training import pick_device
+
+    if args.n < 1:
+        raise ValueError("-n must be at least 1")
+    device = pick_device(args.device)
+    model = load_pretrained(args.model, device)
+    groups = _parse_spacegroups(args.spacegroup)
+    t0 = time.perf_counter()
+    crystals = sample_crystals(
+        model, args.n, spacegroup=groups, temperature=args.temperature, seed=args.seed
+    )
+    structures = [decode(c) for c in crystals]
+    data = PaddedCrystals(crystals_to_encoded(crystals), model.config.max_sites)
+    with torch.no_grad():
+        idx = np.arange(len(crystals))
+        lp = model(data.batch(idx, device))
+    loglik = {k: lp[k].cpu().tolist() for k in ("total", "g", "W", "A", "X", "L")}
+    out = write_samples(crystals, structures, args.out, loglik)
+    dt = time.perf_counter() - t0
+    counts = Counter(c.spacegroup for c in crystals)
+    top = ", ".join(f"{g}: {k}" for g, k in counts.most_common(5))
+    print(
+        f"{len(crystals)} crystals in {dt:.1f} s ({len(crystals) / dt:.0f}/s) -> {out}/cif, "
+        f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}"
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from crystal_gpt.pretrained import list_models
+
+    for name, meta in list_models().items():
+        print(
+            f"{name:10s} {meta['parameters'] / 1e6:.2f}M parameters, {meta['size_mb']:.1f} MB; "
+            f"trained on {meta['dataset']} {meta['train_split']} ({meta['train_crystals']} "
+            f"crystals, {meta.get('protocol', '')}); test NLL "
+            f"{meta.get('test_nll_fp32', float('nan')):.3f} nats/crystal, "
+            f"{meta.get('test_nll_per_atom_fp32', float('nan')):.3f} nats/atom"
         )
     return 0
 
@@ -242,8 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
+    sa = sub.add_parser("sample", help="generate crystals (CIF per crystal, extxyz, summary)")
+    sa.add_argument("-n", type=int, default=100, help="number of crystals (default 100)")
+    sa.add_argument("--model", default="mp_20", help="bundled model name or checkpoint path")
+    sa.add_argument("--spacegroup", help="e.g. 225, Fm-3m, 'cubic', or a list: 194,225")
+    sa.add_argument("--temperature", type=float, default=1.0)
+    sa.add_argument("--seed", type=int, help="for reproducible samples")
+    sa.add_argument("--device", default="auto")
+    sa.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    sa.set_defaults(func=cmd_sample)
+
+    mo = sub.add_parser("models", help="list the bundled models")
+    mo.set_defaults(func=cmd_models)
+
     nl = sub.add_parser("nll", help="exact negative log-likelihood of a split under a model")
-    nl.add_argument("checkpoint", help="a run's best.pt or last.pt")
+    nl.add_argument("checkpoint", help="a run's best.pt / last.pt, or a bundled model name")
     nl.add_argument("--dataset", default="mp_20")
     nl.add_argument("--split", default="test")
     nl.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC)

@@ -407,6 +407,31 @@ class CrystalGPT(nn.Module):
         out["per_atom"] = out["total"] / torch.as_tensor(data.num_atoms, dtype=torch.float32)
         return out
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "mp_20", device: str = "cpu") -> CrystalGPT:
+        """A bundled model by name (``crystal-gpt models``) or a checkpoint path."""
+        from crystal_gpt.pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, device)
+
+    def sample(
+        self,
+        n: int,
+        *,
+        spacegroup: int | list[int] | None = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list:
+        """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
+        group (one number or a list). ``sample_crystals`` gives the WyckoffCrystals."""
+        from crystal_gpt.representation import decode
+        from crystal_gpt.sampling import sample_crystals
+
+        crystals = sample_crystals(
+            self, n, spacegroup=spacegroup, temperature=temperature, seed=seed
+        )
+        return [decode(c) for c in crystals]
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

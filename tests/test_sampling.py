@@ -63,3 +63,35 @@ def test_spacegroup_constraint_and_seed(model):
         sample_crystals(model, 1, spacegroup=0)
     with pytest.raises(ValueError, match="temperature"):
         sample_crystals(model, 1, temperature=0)
+
+
+def test_bundled_model_cli_sample_writes_readable_symmetric_cifs(tmp_path, capsys):
+    import csv
+
+    from pymatgen.core import Structure
+
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.model import CrystalGPT
+
+    assert cli_main(["models"]) == 0
+    assert "mp_20" in capsys.readouterr().out
+    out = tmp_path / "s"
+    assert (
+        cli_main(["sample", "-n", "12", "--seed", "0", "--spacegroup", "cubic", "--out", str(out)])
+        == 0
+    )
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and "loglik_total" in rows[0]
+    for row in rows:
+        g = int(row["spacegroup"])
+        assert 195 <= g <= 230
+        s = Structure.from_file(out / row["cif"])
+        assert len(s) == int(row["num_atoms"])
+        ds = spglib.get_symmetry_dataset((s.lattice.matrix, s.frac_coords, s.atomic_numbers), 1e-3)
+        assert ds is not None and ds.number >= 195  # the written crystal keeps its cubic symmetry
+    assert (out / "samples.extxyz").stat().st_size > 0
+    structures = CrystalGPT.from_pretrained("mp_20").sample(3, spacegroup=225, seed=1)
+    assert len(structures) == 3 and all(isinstance(s, Structure) for s in structures)
+    assert cli_main(["sample", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "no model 'nope'" in capsys.readouterr().err

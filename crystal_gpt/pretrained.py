@@ -1,0 +1,84 @@
+"""Bundled models: small weights shipped in the package, loaded by name or from any checkpoint.
+
+A bundled model file is a float16 state dict with its config and a record of how it was made
+(training data and protocol, epochs, test NLL); ``python -m crystal_gpt.pretrained export RUN
+NAME`` writes one from a training run's ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from crystal_gpt.model import CrystalGPT, ModelConfig
+
+DEFAULT_MODEL = "mp_20"
+
+
+def _models_dir() -> Path:
+    return Path(str(resources.files("crystal_gpt") / "models"))
+
+
+def list_models() -> dict[str, dict]:
+    """Bundled models: name -> metadata (training data, parameters, test NLL, file size)."""
+    out = {}
+    for path in sorted(_models_dir().glob("*.pt")):
+        meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
+        out[path.stem] = {**meta, "file": str(path), "size_mb": path.stat().st_size / 1e6}
+    return out
+
+
+def load_pretrained(
+    name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu"
+) -> CrystalGPT:
+    """A bundled model by name (``crystal-gpt models``), or a checkpoint / bundle file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = _models_dir() / f"{name_or_path}.pt"
+    if not path.is_file():
+        names = ", ".join(list_models()) or "none"
+        raise FileNotFoundError(
+            f"no model {name_or_path!r}: not a file, nor a bundled model (bundled: {names})"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = state["config"]["model"] if "config" in state else state["model_config"]
+    model = CrystalGPT(ModelConfig(**cfg))
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+    model.load_state_dict(weights)
+    model.meta = state.get("meta", {"file": str(path)})
+    return model.to(device).eval()
+
+
+def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
+    """Bundle a run's best checkpoint as float16 weights under crystal_gpt/models/NAME.pt."""
+    run = Path(run_dir)
+    ck = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    cfg = ck["config"]
+    model = CrystalGPT(ModelConfig(**cfg["model"]))
+    meta = {
+        "dataset": cfg["dataset"],
+        "train_split": cfg["train_split"],
+        "val_split": cfg["val_split"],
+        "train_crystals": ck.get("train_crystals"),
+        "epochs": ck["state"]["epoch"],
+        "best_epoch": ck["state"]["best_epoch"],
+        "holdout_nll": ck["val"]["nll_total"],
+        "parameters": model.num_parameters(),
+        **(extra or {}),
+    }
+    out = _models_dir() / f"{name}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": weights, "model_config": cfg["model"], "meta": meta}, out)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "export":
+        sys.exit("usage: python -m crystal_gpt.pretrained export RUN_DIR NAME ['{json extra}']")
+    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+    print(export(sys.argv[2], sys.argv[3], extra))
