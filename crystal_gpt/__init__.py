@@ -13,7 +13,18 @@ from crystal_gpt.symmetry import WyckoffTables, get_tables
 
 __version__ = "0.1.0"
 
-__all__ = [
+
+def __getattr__(name: str):
+    # the model pulls in torch: import it only when asked for
+    if name == "CrystalGPT":
+        from crystal_gpt.model import CrystalGPT
+
+        return CrystalGPT
+    raise AttributeError(f"module 'crystal_gpt' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: RUF022
+    "CrystalGPT",
     "DEFAULT_SYMPREC",
     "CrystalDataset",
     "CrystalRecord",
