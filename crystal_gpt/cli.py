@@ -212,8 +212,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model, device)
     groups = _parse_spacegroups(args.spacegroup)
     t0 = time.perf_counter()
+
+    def split(text: str | None) -> list[str] | None:
+        return [e.strip() for e in text.split(",") if e.strip()] if text else None
+
     crystals = sample_crystals(
-        model, args.n, spacegroup=groups, temperature=args.temperature, seed=args.seed
+        model,
+        args.n,
+        spacegroup=groups,
+        temperature=args.temperature,
+        seed=args.seed,
+        elements=split(args.elements),
+        exclude_elements=split(args.exclude_elements),
     )
     structures = [decode(c) for c in crystals]
     data = PaddedCrystals(crystals_to_encoded(crystals), model.config.max_sites)
@@ -321,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("-n", type=int, default=100, help="number of crystals (default 100)")
     sa.add_argument("--model", default="mp_20", help="bundled model name or checkpoint path")
     sa.add_argument("--spacegroup", help="e.g. 225, Fm-3m, 'cubic', or a list: 194,225")
+    sa.add_argument("--elements", help="only these elements, e.g. Li,Fe,P,O")
+    sa.add_argument("--exclude-elements", help="never these elements, e.g. Pb,Cd,Hg")
     sa.add_argument("--temperature", type=float, default=1.0)
     sa.add_argument("--seed", type=int, help="for reproducible samples")
     sa.add_argument("--device", default="auto")

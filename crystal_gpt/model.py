@@ -421,14 +421,23 @@ class CrystalGPT(nn.Module):
         spacegroup: int | list[int] | None = None,
         temperature: float = 1.0,
         seed: int | None = None,
+        elements: list[str] | None = None,
+        exclude_elements: list[str] | None = None,
     ) -> list:
         """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
-        group (one number or a list). ``sample_crystals`` gives the WyckoffCrystals."""
+        group (one number or a list); ``elements`` / ``exclude_elements`` restrict atom types.
+        ``sampling.sample_crystals`` gives the WyckoffCrystals."""
         from crystal_gpt.representation import decode
         from crystal_gpt.sampling import sample_crystals
 
         crystals = sample_crystals(
-            self, n, spacegroup=spacegroup, temperature=temperature, seed=seed
+            self,
+            n,
+            spacegroup=spacegroup,
+            temperature=temperature,
+            seed=seed,
+            elements=elements,
+            exclude_elements=exclude_elements,
         )
         return [decode(c) for c in crystals]
 

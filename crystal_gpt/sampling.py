@@ -16,6 +16,7 @@ from torch import Tensor
 
 from crystal_gpt.model import (
     LATTICE_DIMS,
+    NUM_ELEMENTS,
     CrystalGPT,
     _unpack_used,
     lattice_from_features,
@@ -44,6 +45,35 @@ def spacegroup_mask(spacegroups: int | Iterable[int] | None, device) -> Tensor:
     return mask
 
 
+def element_mask(
+    elements: Iterable[str] | None, exclude: Iterable[str] | None, device
+) -> Tensor | None:
+    """Allowed atom types as a (119,) bool mask over atomic numbers, or None for all."""
+    from pymatgen.core.periodic_table import Element
+
+    if elements is None and exclude is None:
+        return None
+
+    def numbers(symbols: Iterable[str]) -> list[int]:
+        out = []
+        for sym in symbols:
+            if not Element.is_valid_symbol(str(sym)):
+                raise ValueError(f"unknown element {sym!r}")
+            out.append(Element(str(sym)).Z)
+        return out
+
+    mask = torch.zeros(NUM_ELEMENTS, dtype=torch.bool, device=device)
+    if elements is None:
+        mask[1:] = True
+    else:
+        mask[numbers(elements)] = True
+    if exclude is not None:
+        mask[numbers(exclude)] = False
+    if not mask.any():
+        raise ValueError("the element constraints leave no element to choose")
+    return mask
+
+
 @torch.no_grad()
 def sample_crystals(
     model: CrystalGPT,
@@ -53,13 +83,17 @@ def sample_crystals(
     temperature: float = 1.0,
     seed: int | None = None,
     batch_size: int = 500,
+    elements: Iterable[str] | None = None,
+    exclude_elements: Iterable[str] | None = None,
 ) -> list[WyckoffCrystal]:
-    """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g)."""
+    """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
+    ``elements`` / ``exclude_elements`` restrict atom types by masking P(A)."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     device = next(model.parameters()).device
+    allowed_a = element_mask(elements, exclude_elements, device)
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
@@ -73,7 +107,13 @@ def sample_crystals(
             while len(out) < n:
                 out.extend(
                     _sample_batch(
-                        model, min(batch_size, n - len(out)), spacegroup, temperature, gen, device
+                        model,
+                        min(batch_size, n - len(out)),
+                        spacegroup,
+                        temperature,
+                        gen,
+                        device,
+                        allowed_a,
                     )
                 )
         finally:
@@ -82,7 +122,13 @@ def sample_crystals(
 
 
 def _sample_batch(
-    model: CrystalGPT, B: int, spacegroup, temperature: float, gen: torch.Generator, device
+    model: CrystalGPT,
+    B: int,
+    spacegroup,
+    temperature: float,
+    gen: torch.Generator,
+    device,
+    allowed_a: Tensor | None,
 ) -> list[WyckoffCrystal]:
     sym = model.sym
     allowed_g = spacegroup_mask(spacegroup, device)
@@ -112,7 +158,7 @@ def _sample_batch(
         if bool(done.all()):
             break
         wc = torch.where(done, torch.zeros_like(w), w)  # ended rows carry a harmless dummy site
-        a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first)
+        a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first, allowed_a)
         a = _sample_logits(a_logits.cpu(), temperature, gen).to(device)
         x = torch.zeros(B, 3, device=device)
         for j in range(3):

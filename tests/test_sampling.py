@@ -95,3 +95,14 @@ def test_bundled_model_cli_sample_writes_readable_symmetric_cifs(tmp_path, capsy
     assert len(structures) == 3 and all(isinstance(s, Structure) for s in structures)
     assert cli_main(["sample", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "no model 'nope'" in capsys.readouterr().err
+
+
+def test_element_constraints(model):
+    crystals = sample_crystals(model, 20, elements=["Li", "Fe", "P", "O"], seed=2)
+    assert {int(z) for c in crystals for z in c.species} <= {3, 26, 15, 8}
+    crystals = sample_crystals(model, 20, exclude_elements=["C"], seed=2)
+    assert 6 not in {int(z) for c in crystals for z in c.species}  # the tiny model knows carbon
+    with pytest.raises(ValueError, match="unknown element 'Xx'"):
+        sample_crystals(model, 1, elements=["Xx"])
+    with pytest.raises(ValueError, match="no element"):
+        sample_crystals(model, 1, elements=["Li"], exclude_elements=["Li"])
