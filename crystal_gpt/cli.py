@@ -250,8 +250,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"{name:10s} {meta['parameters'] / 1e6:.2f}M parameters, {meta['size_mb']:.1f} MB; "
             f"trained on {meta['dataset']} {meta['train_split']} ({meta['train_crystals']} "
             f"crystals, {meta.get('protocol', '')}); test NLL "
-            f"{meta.get('test_nll_fp32', float('nan')):.3f} nats/crystal, "
-            f"{meta.get('test_nll_per_atom_fp32', float('nan')):.3f} nats/atom"
+            f"{meta.get('test_nll', float('nan')):.3f} nats/crystal, "
+            f"{meta.get('test_nll_per_atom', float('nan')):.3f} nats/atom"
         )
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import zuko
@@ -510,6 +511,19 @@ def lattice_statistics(data) -> tuple[Tensor, Tensor]:
             mean[s] = z[sel].mean(0)
             std[s] = z[sel].std(0).clamp(min=1e-2)
     return mean, std
+
+
+def spacegroup_prior(g: np.ndarray | Tensor, smoothing: float = 0.5) -> Tensor:
+    """Log-frequencies of the training space groups (add-``smoothing``): the maximum-likelihood
+    P(g) without conditions, a starting point a single logit vector would take thousands of
+    optimiser steps to reach."""
+    counts = torch.bincount(torch.as_tensor(np.asarray(g), dtype=torch.long), minlength=231)
+    counts = counts[:231].float()
+    counts[1:] += smoothing
+    counts[0] = 0.0
+    logp = torch.log(counts / counts.sum())
+    logp[0] = 0.0  # index 0 is not a group; masked out in g_logprob
+    return logp
 
 
 def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tensor:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from crystal_gpt.model import CrystalGPT, ModelConfig
+from crystal_gpt.encoding import encode_dataset
+from crystal_gpt.model import CrystalGPT, ModelConfig, spacegroup_prior
 
 DEFAULT_MODEL = "mp_20"
 
@@ -57,8 +58,15 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     """Bundle a run's best checkpoint as float16 weights under crystal_gpt/models/NAME.pt."""
     run = Path(run_dir)
     ck = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
     cfg = ck["config"]
+    # P(g) has parameters of its own: its maximum-likelihood value is the smoothed training
+    # histogram, whatever the optimiser reached (runs before that initialisation reached little)
+    train_g = encode_dataset(
+        cfg["dataset"], cfg["train_split"], symprec=cfg["symprec"], progress=False
+    ).spacegroup
+    state = dict(ck["model"])
+    state["g_prior"] = spacegroup_prior(train_g)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     model = CrystalGPT(ModelConfig(**cfg["model"]))
     meta = {
         "dataset": cfg["dataset"],

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from crystal_gpt.batch import PaddedCrystals, bucketed_batches
 from crystal_gpt.encoding import EncodedDataset, encode_dataset
-from crystal_gpt.model import PARTS, CrystalGPT, ModelConfig, lattice_statistics
+from crystal_gpt.model import (
+    PARTS,
+    CrystalGPT,
+    ModelConfig,
+    lattice_statistics,
+    spacegroup_prior,
+)
 
 PRESETS = ("tiny", "small", "large")
 
@@ -250,6 +256,8 @@ def train(
     mean, std = lattice_statistics(train_set)
     model.lat_mean.copy_(mean)
     model.lat_std.copy_(std)
+    with torch.no_grad():
+        model.g_prior.copy_(spacegroup_prior(train_set.g))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW(

@@ -226,3 +226,16 @@ def test_every_vendored_crystal_has_finite_likelihood(model, name, split):
         with torch.no_grad():
             out = model(data.batch(idx))
         assert torch.isfinite(out["total"]).all()
+
+
+def test_spacegroup_prior_is_the_smoothed_histogram():
+    from crystal_gpt.model import spacegroup_prior
+
+    logp = spacegroup_prior(np.array([225, 225, 225, 1]), smoothing=0.5)
+    p = logp[1:].exp()
+    assert torch.isclose(p.sum(), torch.tensor(1.0))
+    assert torch.isclose(p[224], torch.tensor(3.5 / (4 + 0.5 * 230)))
+    m = CrystalGPT(TINY)
+    with torch.no_grad():
+        m.g_prior.copy_(logp)
+    assert torch.isclose(m.g_logprob(torch.tensor([225]), None).exp(), p[224])
