@@ -83,11 +83,13 @@ def sample_crystals(
     temperature: float = 1.0,
     seed: int | None = None,
     batch_size: int = 500,
+    use_cache: bool = True,
     elements: Iterable[str] | None = None,
     exclude_elements: Iterable[str] | None = None,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
-    ``elements`` / ``exclude_elements`` restrict atom types by masking P(A)."""
+    ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``use_cache=False``
+    re-runs the full prefix at every step (the reference the key/value cache must match)."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
@@ -114,6 +116,7 @@ def sample_crystals(
                         gen,
                         device,
                         allowed_a,
+                        use_cache,
                     )
                 )
         finally:
@@ -129,14 +132,16 @@ def _sample_batch(
     gen: torch.Generator,
     device,
     allowed_a: Tensor | None,
+    use_cache: bool = True,
 ) -> list[WyckoffCrystal]:
     sym = model.sym
     allowed_g = spacegroup_mask(spacegroup, device)
     g_logits = model.g_logits(None).masked_fill(~allowed_g, float("-inf"))
     g = _sample_logits(g_logits.expand(B, -1).cpu(), temperature, gen).to(device)
 
-    caches: list[dict] = [{} for _ in model.blocks]
-    h = model.backbone(model.start_token(g, None), caches, offset=0)[:, -1]
+    caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
+    tokens = [model.start_token(g, None)]  # only used without the cache
+    h = model.backbone(tokens[0], caches, offset=0)[:, -1]
     max_sites = model.config.max_sites
     prev_w = torch.zeros(B, dtype=torch.long, device=device)
     prev_a = torch.zeros(B, dtype=torch.long, device=device)
@@ -169,7 +174,11 @@ def _sample_batch(
         sites_a.append(a)
         sites_x.append(x)
         emb = model.embed_sites(g, wc.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
-        h = model.backbone(emb, caches, offset=k + 1)[:, -1]
+        if use_cache:
+            h = model.backbone(emb, caches, offset=k + 1)[:, -1]
+        else:  # the reference: re-run the whole prefix for every new token
+            tokens.append(emb)
+            h = model.backbone(torch.cat(tokens, dim=1))[:, -1]
         prev_w, prev_a = wc, a
 
     lattice = _sample_lattice(model, h_end, g, sites_w, temperature, gen)

@@ -106,3 +106,9 @@ def test_element_constraints(model):
         sample_crystals(model, 1, elements=["Xx"])
     with pytest.raises(ValueError, match="no element"):
         sample_crystals(model, 1, elements=["Li"], exclude_elements=["Li"])
+
+
+def test_cache_and_full_recompute_sample_the_same(model):
+    a = sample_crystals(model, 10, seed=5)
+    b = sample_crystals(model, 10, seed=5, use_cache=False)
+    assert all(x == y for x, y in zip(a, b, strict=True))

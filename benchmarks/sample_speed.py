@@ -1,0 +1,64 @@
+"""Sampling speed with a bundled model on this machine.
+
+    python benchmarks/sample_speed.py [--model mp_20] [-n 1000]
+
+Prints crystals/s for: sampling alone (key/value cache), sampling with the full prefix re-run
+at every step (no cache), building pymatgen Structures, and the whole `crystal-gpt sample`
+path (sampling + structures + likelihoods + CIF/extxyz/CSV writing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+from crystal_gpt.cli import main as cli_main
+from crystal_gpt.pretrained import load_pretrained
+from crystal_gpt.representation import decode
+from crystal_gpt.sampling import sample_crystals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="mp_20")
+    ap.add_argument("-n", type=int, default=1000)
+    args = ap.parse_args()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    model = load_pretrained(args.model)
+    sample_crystals(model, 20, seed=0)  # warm-up (first-call imports)
+    timings = {}
+    for use_cache in (True, False):
+        t0 = time.perf_counter()
+        crystals = sample_crystals(model, args.n, seed=0, use_cache=use_cache)
+        timings[use_cache] = time.perf_counter() - t0
+        print(
+            f"sampling {'with' if use_cache else 'without'} KV cache: "
+            f"{args.n / timings[use_cache]:.0f} crystals/s"
+        )
+    print(
+        f"cache speed-up: {timings[False] / timings[True]:.2f}x "
+        f"(mean {sum(c.num_sites for c in crystals) / len(crystals):.1f} sites per crystal)"
+    )
+    t0 = time.perf_counter()
+    for c in crystals:
+        decode(c)
+    print(f"building Structures: {args.n / (time.perf_counter() - t0):.0f} crystals/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cli_main(["sample", "-n", str(args.n), "--model", args.model, "--seed", "0", "--out", tmp])
+        print(
+            f"end to end (crystal-gpt sample, incl. writing): "
+            f"{args.n / (time.perf_counter() - t0):.0f} crystals/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
