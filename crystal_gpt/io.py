@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import warnings
+import functools
 from pathlib import Path
 
 from pymatgen.core import Structure
-from pymatgen.io.cif import CifWriter
+from pymatgen.core.operations import SymmOp
 
 from crystal_gpt.representation import WyckoffCrystal
 from crystal_gpt.symmetry import get_tables
@@ -26,12 +26,66 @@ SUMMARY_FIELDS = (
 )
 
 
+@functools.cache
+def _symmetry_ops_xyz(spacegroup: int) -> tuple[str, ...]:
+    """The group's operations (its general position, centring included) as CIF xyz strings."""
+    tables = get_tables()
+    general = int(tables.num_letters[spacegroup]) - 1
+    rot, trans = tables.orbit_ops(spacegroup, general)
+    return tuple(
+        SymmOp.from_rotation_and_translation(r.astype(float), t).as_xyz_str()
+        for r, t in zip(rot, trans, strict=True)
+    )
+
+
+def wyckoff_cif(crystal: WyckoffCrystal, name: str = "crystal") -> str:
+    """A CIF that states the space group, its operations and one line per Wyckoff site.
+
+    Written straight from the representation: no symmetry search, and special positions keep
+    their exact values.
+    """
+    tables = get_tables()
+    g = crystal.spacegroup
+    a, b, c, al, be, ga = crystal.lattice_parameters
+    lines = [
+        f"data_{name}",
+        f"_symmetry_space_group_name_H-M   '{tables.symbol[g]}'",
+        f"_symmetry_Int_Tables_number   {g}",
+        f"_cell_length_a   {a:.8f}",
+        f"_cell_length_b   {b:.8f}",
+        f"_cell_length_c   {c:.8f}",
+        f"_cell_angle_alpha   {al:.8f}",
+        f"_cell_angle_beta   {be:.8f}",
+        f"_cell_angle_gamma   {ga:.8f}",
+        "loop_",
+        " _symmetry_equiv_pos_site_id",
+        " _symmetry_equiv_pos_as_xyz",
+    ]
+    lines += [f"  {i + 1}  '{op}'" for i, op in enumerate(_symmetry_ops_xyz(g))]
+    lines += [
+        "loop_",
+        " _atom_site_type_symbol",
+        " _atom_site_label",
+        " _atom_site_symmetry_multiplicity",
+        " _atom_site_Wyckoff_symbol",
+        " _atom_site_fract_x",
+        " _atom_site_fract_y",
+        " _atom_site_fract_z",
+        " _atom_site_occupancy",
+    ]
+    for k, ((letter, el, _), mult, xyz) in enumerate(
+        zip(crystal.sites, crystal.multiplicities, crystal.coords, strict=True)
+    ):
+        x, y, z = (f"{v:.8f}" for v in xyz)
+        lines.append(f"  {el}  {el}{k}  {mult}  {letter}  {x}  {y}  {z}  1")
+    return "\n".join(lines) + "\n"
+
+
 def write_samples(
     crystals: list[WyckoffCrystal],
     structures: list[Structure],
     out_dir: str | Path,
     loglik: dict[str, list[float]] | None = None,
-    symprec: float = 0.01,
 ) -> Path:
     """Write ``crystal_00000.cif`` ... (CIFs carry the space group and symmetry-distinct sites),
     ``samples.extxyz`` and ``summary.csv``; returns the folder."""
@@ -45,12 +99,7 @@ def write_samples(
     atoms = []
     for i, (wc, s) in enumerate(zip(crystals, structures, strict=True)):
         name = f"crystal_{i:05d}.cif"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                CifWriter(s, symprec=symprec).write_file(out / "cif" / name)
-            except Exception:  # symmetry finding can fail on odd samples: write them in P1
-                CifWriter(s).write_file(out / "cif" / name)
+        (out / "cif" / name).write_text(wyckoff_cif(wc, f"{i:05d}_{s.composition.reduced_formula}"))
         row = {
             "index": i,
             "formula": s.composition.reduced_formula,
