@@ -221,6 +221,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.n,
         spacegroup=groups,
         temperature=args.temperature,
+        top_p=args.top_p,
         seed=args.seed,
         elements=split(args.elements),
         exclude_elements=split(args.exclude_elements),
@@ -333,7 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--spacegroup", help="e.g. 225, Fm-3m, 'cubic', or a list: 194,225")
     sa.add_argument("--elements", help="only these elements, e.g. Li,Fe,P,O")
     sa.add_argument("--exclude-elements", help="never these elements, e.g. Pb,Cd,Hg")
-    sa.add_argument("--temperature", type=float, default=1.0)
+    sa.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="softens (>1) or sharpens (<1) the group, letter and element draws",
+    )
+    sa.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling of the discrete choices (default 1: off)",
+    )
     sa.add_argument("--seed", type=int, help="for reproducible samples")
     sa.add_argument("--device", default="auto")
     sa.add_argument("--out", default="samples", help="output folder (default ./samples)")

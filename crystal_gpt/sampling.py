@@ -26,8 +26,18 @@ from crystal_gpt.representation import WyckoffCrystal, reduce_lattice_parameters
 from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
 
 
-def _sample_logits(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
+def _sample_logits(
+    logits: Tensor, decoding: tuple[float, float], gen: torch.Generator | None
+) -> Tensor:
+    """Draw from a categorical with (temperature, top_p): nucleus sampling keeps the smallest
+    set of most likely outcomes whose probability reaches top_p."""
+    temperature, top_p = decoding
     probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely outcomes
+        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
@@ -81,6 +91,7 @@ def sample_crystals(
     *,
     spacegroup: int | Iterable[int] | None = None,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     seed: int | None = None,
     batch_size: int = 500,
     use_cache: bool = True,
@@ -88,12 +99,15 @@ def sample_crystals(
     exclude_elements: Iterable[str] | None = None,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
-    ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``use_cache=False``
+    ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``temperature`` and
+    ``top_p`` shape the categorical draws (group, letters, elements). ``use_cache=False``
     re-runs the full prefix at every step (the reference the key/value cache must match)."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     allowed_a = element_mask(elements, exclude_elements, device)
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
@@ -112,7 +126,7 @@ def sample_crystals(
                         model,
                         min(batch_size, n - len(out)),
                         spacegroup,
-                        temperature,
+                        (temperature, top_p),
                         gen,
                         device,
                         allowed_a,
@@ -128,7 +142,7 @@ def _sample_batch(
     model: CrystalGPT,
     B: int,
     spacegroup,
-    temperature: float,
+    decoding: tuple[float, float],
     gen: torch.Generator,
     device,
     allowed_a: Tensor | None,
@@ -137,7 +151,7 @@ def _sample_batch(
     sym = model.sym
     allowed_g = spacegroup_mask(spacegroup, device)
     g_logits = model.g_logits(None).masked_fill(~allowed_g, float("-inf"))
-    g = _sample_logits(g_logits.expand(B, -1).cpu(), temperature, gen).to(device)
+    g = _sample_logits(g_logits.expand(B, -1).cpu(), decoding, gen).to(device)
 
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
     tokens = [model.start_token(g, None)]  # only used without the cache
@@ -155,7 +169,7 @@ def _sample_batch(
             w_logits = torch.where(
                 torch.arange(w_logits.shape[-1], device=device) == sym.pad, 0.0, float("-inf")
             ).expand_as(w_logits)
-        w = _sample_logits(w_logits.cpu(), temperature, gen).to(device)
+        w = _sample_logits(w_logits.cpu(), decoding, gen).to(device)
         w = torch.where(done, torch.full_like(w, sym.pad), w)
         ends = (w == sym.pad) & ~done
         h_end[ends] = h[ends]
@@ -164,7 +178,7 @@ def _sample_batch(
             break
         wc = torch.where(done, torch.zeros_like(w), w)  # ended rows carry a harmless dummy site
         a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first, allowed_a)
-        a = _sample_logits(a_logits.cpu(), temperature, gen).to(device)
+        a = _sample_logits(a_logits.cpu(), decoding, gen).to(device)
         x = torch.zeros(B, 3, device=device)
         for j in range(3):
             params = model.x_params(ctx, a, x, j)
@@ -181,7 +195,7 @@ def _sample_batch(
             h = model.backbone(torch.cat(tokens, dim=1))[:, -1]
         prev_w, prev_a = wc, a
 
-    lattice = _sample_lattice(model, h_end, g, sites_w, temperature, gen)
+    lattice = _sample_lattice(model, h_end, g, sites_w)
     return _to_crystals(g, sites_w, sites_a, sites_x, lattice, sym.pad)
 
 
@@ -193,7 +207,7 @@ def _project(g: Tensor, w: Tensor, x: Tensor) -> Tensor:
     return torch.remainder(torch.einsum("bij,bj->bi", rot, x) + trans, 1.0)
 
 
-def _sample_lattice(model, h_end, g, sites_w, temperature, gen) -> Tensor:
+def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
     sym = model.sym
     t = get_tables()
     mult = torch.as_tensor(t.multiplicity.astype("int64"), device=g.device)

@@ -112,3 +112,15 @@ def test_cache_and_full_recompute_sample_the_same(model):
     a = sample_crystals(model, 10, seed=5)
     b = sample_crystals(model, 10, seed=5, use_cache=False)
     assert all(x == y for x, y in zip(a, b, strict=True))
+
+
+def test_top_p_keeps_the_nucleus():
+    from crystal_gpt.sampling import _sample_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
+    gen = torch.Generator().manual_seed(0)
+    draws = _sample_logits(logits, (1.0, 0.7), gen)
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.7; the tail is cut
+    draws = _sample_logits(logits, (1.0, 1.0), gen)
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+    assert set(_sample_logits(logits, (1.0, 0.1), gen).tolist()) == {0}
