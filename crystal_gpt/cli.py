@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -374,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValueError, FileNotFoundError) as err:
         print(f"crystal-gpt: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        return 0
     except KeyboardInterrupt:
         print("crystal-gpt: interrupted", file=sys.stderr)
         return 130
