@@ -27,11 +27,12 @@ import torch.nn.functional as F
 import zuko
 from torch import Tensor, nn
 
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, LATTICE_FREE_PARAMS, get_tables
 
 NUM_ELEMENTS = 119  # index 0 = no element (end of sequence), 1..118 = atomic number
 LOG_2PI = math.log(2 * math.pi)
-LATTICE_DIMS = (6, 4, 3, 2, 2, 2, 1)  # free lattice parameters per crystal system index
+# free lattice parameters per crystal system index
+LATTICE_DIMS = tuple(len(LATTICE_FREE_PARAMS[system]) for system in CRYSTAL_SYSTEMS)
 PARTS = ("g", "W", "A", "X", "L")
 
 
@@ -72,9 +73,18 @@ class SymmetryTensors(nn.Module):
         self.register_buffer("multiplicity", mult, False)
         self.register_buffer("dof", dof, False)
         self.register_buffer("free_mask", free, False)
+        self.register_buffer("proj_rot", torch.as_tensor(t.proj_rot, dtype=torch.float32), False)
+        self.register_buffer(
+            "proj_trans", torch.as_tensor(t.proj_trans, dtype=torch.float32), False
+        )
         self.register_buffer(
             "crystal_system", torch.as_tensor(t.crystal_system.astype("int64")).clamp(min=0), False
         )
+
+    def project(self, g: Tensor, w: Tensor, x: Tensor) -> Tensor:
+        """Coordinates (B, 3) onto Wyckoff positions (g, w) through their first operation."""
+        x = torch.einsum("bij,bj->bi", self.proj_rot[g, w], x) + self.proj_trans[g, w]
+        return torch.remainder(x, 1.0)
 
     def letter_mask(self, g: Tensor, prev_w: Tensor | None, first: Tensor) -> Tensor:
         """Legal next letters (..., L+1) given the group, the previous letter and whether this is
@@ -450,17 +460,9 @@ class CrystalGPT(nn.Module):
 
 # ---------------------------------------------------------------- lattice helpers
 # Which of (a, b, c, alpha, beta, gamma) each crystal system leaves free, by system index.
+_PARAM_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
 _USED = torch.tensor(
-    [
-        [1, 1, 1, 1, 1, 1],  # triclinic
-        [1, 1, 1, 0, 1, 0],  # monoclinic (unique axis b)
-        [1, 1, 1, 0, 0, 0],  # orthorhombic
-        [1, 0, 1, 0, 0, 0],  # tetragonal
-        [1, 0, 1, 0, 0, 0],  # trigonal (hexagonal axes)
-        [1, 0, 1, 0, 0, 0],  # hexagonal
-        [1, 0, 0, 0, 0, 0],  # cubic
-    ],
-    dtype=torch.bool,
+    [[name in LATTICE_FREE_PARAMS[system] for name in _PARAM_NAMES] for system in CRYSTAL_SYSTEMS]
 )
 
 

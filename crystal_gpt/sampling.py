@@ -183,7 +183,7 @@ def _sample_batch(
         for j in range(3):
             params = model.x_params(ctx, a, x, j)
             x[:, j] = von_mises_mixture_sample(params.cpu(), gen).to(device)
-        x = _project(g, wc, x)
+        x = model.sym.project(g, wc, x)
         sites_w.append(w)
         sites_a.append(a)
         sites_x.append(x)
@@ -199,22 +199,11 @@ def _sample_batch(
     return _to_crystals(g, sites_w, sites_a, sites_x, lattice, sym.pad)
 
 
-def _project(g: Tensor, w: Tensor, x: Tensor) -> Tensor:
-    """Sampled coordinates onto the Wyckoff position: fixed ones exact, all in [0, 1)."""
-    t = get_tables()
-    rot = torch.as_tensor(t.proj_rot, dtype=x.dtype, device=x.device)[g, w]
-    trans = torch.as_tensor(t.proj_trans, dtype=x.dtype, device=x.device)[g, w]
-    return torch.remainder(torch.einsum("bij,bj->bi", rot, x) + trans, 1.0)
-
-
 def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
     sym = model.sym
-    t = get_tables()
-    mult = torch.as_tensor(t.multiplicity.astype("int64"), device=g.device)
     n_atoms = torch.zeros_like(g)
-    for w in sites_w:
-        real = w != sym.pad
-        n_atoms = n_atoms + torch.where(real, mult[g, w.clamp(max=sym.max_letters - 1)], 0)
+    for w in sites_w:  # the end letter (PAD) has multiplicity 0
+        n_atoms = n_atoms + sym.multiplicity[g, w].long()
     n_atoms = n_atoms.clamp(min=1)
     ctx = model.lattice_context(h_end, g)
     system = sym.crystal_system[g]
