@@ -226,6 +226,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         elements=split(args.elements),
         exclude_elements=split(args.exclude_elements),
+        composition=args.composition,
+        formula_units=args.formula_units,
+        num_atoms=args.num_atoms,
+        wyckoff_template=args.wyckoff_template,
+        progress=args.n >= 2000,
     )
     structures = [decode(c) for c in crystals]
     data = PaddedCrystals(crystals_to_encoded(crystals), model.config.max_sites)
@@ -335,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--spacegroup", help="e.g. 225, Fm-3m, 'cubic', or a list: 194,225")
     sa.add_argument("--elements", help="only these elements, e.g. Li,Fe,P,O")
     sa.add_argument("--exclude-elements", help="never these elements, e.g. Pb,Cd,Hg")
+    sa.add_argument(
+        "--composition",
+        help="exact primitive-cell content (structure prediction), e.g. Li4Fe4P4O16, or a "
+        "formula with --formula-units",
+    )
+    sa.add_argument(
+        "--formula-units", type=int, help="formula units per primitive cell for --composition"
+    )
+    sa.add_argument("--num-atoms", help="atoms per primitive cell: N or LOW-HIGH, e.g. 4-12")
+    sa.add_argument(
+        "--wyckoff-template",
+        help="occupied Wyckoff positions, e.g. '4a 4b' (one --spacegroup; elements free)",
+    )
     sa.add_argument(
         "--temperature",
         type=float,

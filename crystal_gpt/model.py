@@ -435,10 +435,16 @@ class CrystalGPT(nn.Module):
         seed: int | None = None,
         elements: list[str] | None = None,
         exclude_elements: list[str] | None = None,
+        composition=None,
+        formula_units: int | None = None,
+        num_atoms=None,
+        wyckoff_template=None,
     ) -> list:
         """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
-        group (one number or a list); ``elements`` / ``exclude_elements`` restrict atom types.
-        ``sampling.sample_crystals`` gives the WyckoffCrystals."""
+        group (one number or a list); ``elements`` / ``exclude_elements`` restrict atom types;
+        ``composition`` (e.g. 'Li4Fe4P4O16', per primitive cell), ``num_atoms`` (N or (low,
+        high)) and ``wyckoff_template`` ('4a 4b') are met exactly (see
+        ``sampling.sample_crystals``, which gives the WyckoffCrystals)."""
         from crystal_gpt.representation import decode
         from crystal_gpt.sampling import sample_crystals
 
@@ -451,6 +457,10 @@ class CrystalGPT(nn.Module):
             seed=seed,
             elements=elements,
             exclude_elements=exclude_elements,
+            composition=composition,
+            formula_units=formula_units,
+            num_atoms=num_atoms,
+            wyckoff_template=wyckoff_template,
         )
         return [decode(c) for c in crystals]
 

@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crystal_gpt.constraints import (
+    ConstraintError,
+    Planner,
+    explain_infeasible,
+    feasible_groups,
+    make_request,
+)
 from crystal_gpt.model import (
     LATTICE_DIMS,
     NUM_ELEMENTS,
@@ -97,11 +104,24 @@ def sample_crystals(
     use_cache: bool = True,
     elements: Iterable[str] | None = None,
     exclude_elements: Iterable[str] | None = None,
+    composition=None,
+    formula_units: int | None = None,
+    num_atoms=None,
+    wyckoff_template=None,
+    progress: bool = False,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
     ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``temperature`` and
     ``top_p`` shape the categorical draws (group, letters, elements). ``use_cache=False``
-    re-runs the full prefix at every step (the reference the key/value cache must match)."""
+    re-runs the full prefix at every step (the reference the key/value cache must match).
+
+    Constraints with look-ahead (``constraints.py``), all per primitive cell: ``composition``
+    (a formula such as 'Li4Fe4P4O16', a mapping or a pymatgen Composition; with
+    ``formula_units`` a reduced formula times that many units) is met exactly (crystal structure
+    prediction); ``num_atoms`` (N or (low, high)) bounds the atoms per cell;
+    ``wyckoff_template`` ('4a 4b 8c' or letters, one space group) fixes the occupied Wyckoff
+    positions, the elements left to the model. Requests that no crystal can meet raise
+    ``ConstraintError`` before sampling."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
@@ -110,32 +130,107 @@ def sample_crystals(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     allowed_a = element_mask(elements, exclude_elements, device)
+    request = make_request(
+        composition=composition,
+        formula_units=formula_units,
+        num_atoms=num_atoms,
+        wyckoff_template=wyckoff_template,
+        spacegroup=spacegroup,
+        elements=elements,
+        exclude_elements=exclude_elements,
+    )
+    planner = None
+    if request.active:
+        planner = Planner(request, model.config.max_sites)
+        candidates = spacegroup_mask(spacegroup, "cpu").nonzero().flatten().tolist()
+        groups = feasible_groups(planner, candidates)
+        if not groups:
+            raise ConstraintError(explain_infeasible(request, candidates, planner.max_sites))
+        spacegroup = groups
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     out: list[WyckoffCrystal] = []
     was_training = model.training
     model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="sampling", unit="crystal")
     # von Mises and flow draws use torch's global RNG: seed it without disturbing the caller's
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             while len(out) < n:
-                out.extend(
-                    _sample_batch(
-                        model,
-                        min(batch_size, n - len(out)),
-                        spacegroup,
-                        (temperature, top_p),
-                        gen,
-                        device,
-                        allowed_a,
-                        use_cache,
-                    )
+                batch = _sample_batch(
+                    model,
+                    min(batch_size, n - len(out)),
+                    spacegroup,
+                    (temperature, top_p),
+                    gen,
+                    device,
+                    allowed_a,
+                    use_cache,
+                    planner,
                 )
+                out.extend(batch)
+                if bar is not None:
+                    bar.update(len(batch))
         finally:
             model.train(was_training)
+            if bar is not None:
+                bar.close()
     return out
+
+
+class _Masks:
+    """Per-row look-ahead masks for one batch: the planner's state of every crystal."""
+
+    def __init__(self, planner: Planner, g: Tensor, num_letters: int) -> None:
+        self.planner = planner
+        self.g = g.cpu().tolist()
+        self.states = [planner.initial_state(gi) for gi in self.g]
+        self.L = num_letters
+        self.moves: list = [None] * len(self.g)
+
+    def letters(self, done: Tensor, device) -> Tensor:
+        mask = np.ones((len(self.g), self.L + 1), dtype=bool)
+        for i, finished in enumerate(done.tolist()):
+            if finished:
+                continue
+            can_end, allowed = self.planner.moves(self.g[i], self.states[i])
+            self.moves[i] = allowed
+            mask[i] = False
+            mask[i, list(allowed)] = True
+            mask[i, self.L] = can_end
+        return torch.as_tensor(mask, device=device)
+
+    def elements(self, w: Tensor, done: Tensor, base: Tensor | None, device) -> Tensor | None:
+        mask = np.ones((len(self.g), NUM_ELEMENTS), dtype=bool)
+        for i, (wi, finished) in enumerate(zip(w.tolist(), done.tolist(), strict=True)):
+            if not finished and self.moves[i][wi]:
+                mask[i] = False
+                mask[i, list(self.moves[i][wi])] = True
+        out = torch.as_tensor(mask, device=device)
+        return out if base is None else out & base
+
+    def advance(self, w: Tensor, a: Tensor, done: Tensor, multiplicity: Tensor) -> None:
+        p = self.planner
+        for i, (wi, ai, finished) in enumerate(
+            zip(w.tolist(), a.tolist(), done.tolist(), strict=True)
+        ):
+            if finished:
+                continue
+            g, state = self.g[i], self.states[i]
+            m = int(multiplicity[g, wi])
+            if p.request.composition is not None:
+                e = p.element_index(ai)
+                rem = list(state[0])
+                rem[e] -= m
+                self.states[i] = p.next_state(g, state, wi, e, tuple(rem))
+            else:
+                self.states[i] = p.next_state(g, state, wi, 0, state[0] + m)
 
 
 def _sample_batch(
@@ -147,11 +242,13 @@ def _sample_batch(
     device,
     allowed_a: Tensor | None,
     use_cache: bool = True,
+    planner: Planner | None = None,
 ) -> list[WyckoffCrystal]:
     sym = model.sym
     allowed_g = spacegroup_mask(spacegroup, device)
     g_logits = model.g_logits(None).masked_fill(~allowed_g, float("-inf"))
     g = _sample_logits(g_logits.expand(B, -1).cpu(), decoding, gen).to(device)
+    masks = _Masks(planner, g, sym.max_letters) if planner is not None else None
 
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
     tokens = [model.start_token(g, None)]  # only used without the cache
@@ -169,6 +266,8 @@ def _sample_batch(
             w_logits = torch.where(
                 torch.arange(w_logits.shape[-1], device=device) == sym.pad, 0.0, float("-inf")
             ).expand_as(w_logits)
+        if masks is not None:
+            w_logits = w_logits.masked_fill(~masks.letters(done, device), float("-inf"))
         w = _sample_logits(w_logits.cpu(), decoding, gen).to(device)
         w = torch.where(done, torch.full_like(w, sym.pad), w)
         ends = (w == sym.pad) & ~done
@@ -177,8 +276,11 @@ def _sample_batch(
         if bool(done.all()):
             break
         wc = torch.where(done, torch.zeros_like(w), w)  # ended rows carry a harmless dummy site
-        a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first, allowed_a)
+        allowed = allowed_a if masks is None else masks.elements(wc, done, allowed_a, device)
+        a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first, allowed)
         a = _sample_logits(a_logits.cpu(), decoding, gen).to(device)
+        if masks is not None:
+            masks.advance(wc, a, done, sym.multiplicity)
         x = torch.zeros(B, 3, device=device)
         for j in range(3):
             params = model.x_params(ctx, a, x, j)
