@@ -130,23 +130,37 @@ def sample_crystals(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     allowed_a = element_mask(elements, exclude_elements, device)
-    request = make_request(
-        composition=composition,
-        formula_units=formula_units,
-        num_atoms=num_atoms,
-        wyckoff_template=wyckoff_template,
-        spacegroup=spacegroup,
-        elements=elements,
-        exclude_elements=exclude_elements,
-    )
-    planner = None
-    if request.active:
-        planner = Planner(request, model.config.max_sites)
-        candidates = spacegroup_mask(spacegroup, "cpu").nonzero().flatten().tolist()
-        groups = feasible_groups(planner, candidates)
-        if not groups:
-            raise ConstraintError(explain_infeasible(request, candidates, planner.max_sites))
-        spacegroup = groups
+    per_crystal = isinstance(composition, list | tuple)
+    if per_crystal and len(composition) != n:
+        raise ValueError(f"{len(composition)} compositions given for {n} crystals")
+    plans: dict = {}  # one planner and group list per distinct request
+
+    def plan(comp) -> tuple[Planner | None, list[int] | None]:
+        key = comp if isinstance(comp, str | None) else repr(comp)
+        if key not in plans:
+            request = make_request(
+                composition=comp,
+                formula_units=formula_units,
+                num_atoms=num_atoms,
+                wyckoff_template=wyckoff_template,
+                spacegroup=spacegroup,
+                elements=elements,
+                exclude_elements=exclude_elements,
+            )
+            if not request.active:
+                plans[key] = (None, None)
+            else:
+                planner = Planner(request, model.config.max_sites)
+                candidates = spacegroup_mask(spacegroup, "cpu").nonzero().flatten().tolist()
+                groups = feasible_groups(planner, candidates)
+                if not groups:
+                    raise ConstraintError(
+                        explain_infeasible(request, candidates, planner.max_sites)
+                    )
+                plans[key] = (planner, groups)
+        return plans[key]
+
+    rows = [plan(c) for c in composition] if per_crystal else [plan(composition)] * n
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
@@ -163,16 +177,17 @@ def sample_crystals(
         torch.manual_seed(seed)
         try:
             while len(out) < n:
+                todo = rows[len(out) : len(out) + batch_size]
                 batch = _sample_batch(
                     model,
-                    min(batch_size, n - len(out)),
+                    len(todo),
                     spacegroup,
                     (temperature, top_p),
                     gen,
                     device,
                     allowed_a,
                     use_cache,
-                    planner,
+                    todo if todo[0][0] is not None else None,
                 )
                 out.extend(batch)
                 if bar is not None:
@@ -185,12 +200,12 @@ def sample_crystals(
 
 
 class _Masks:
-    """Per-row look-ahead masks for one batch: the planner's state of every crystal."""
+    """Per-row look-ahead masks for one batch: each crystal's planner and state."""
 
-    def __init__(self, planner: Planner, g: Tensor, num_letters: int) -> None:
-        self.planner = planner
+    def __init__(self, planners: list[Planner], g: Tensor, num_letters: int) -> None:
+        self.planners = planners
         self.g = g.cpu().tolist()
-        self.states = [planner.initial_state(gi) for gi in self.g]
+        self.states = [p.initial_state(gi) for p, gi in zip(planners, self.g, strict=True)]
         self.L = num_letters
         self.moves: list = [None] * len(self.g)
 
@@ -199,7 +214,7 @@ class _Masks:
         for i, finished in enumerate(done.tolist()):
             if finished:
                 continue
-            can_end, allowed = self.planner.moves(self.g[i], self.states[i])
+            can_end, allowed = self.planners[i].moves(self.g[i], self.states[i])
             self.moves[i] = allowed
             mask[i] = False
             mask[i, list(allowed)] = True
@@ -216,12 +231,12 @@ class _Masks:
         return out if base is None else out & base
 
     def advance(self, w: Tensor, a: Tensor, done: Tensor, multiplicity: Tensor) -> None:
-        p = self.planner
         for i, (wi, ai, finished) in enumerate(
             zip(w.tolist(), a.tolist(), done.tolist(), strict=True)
         ):
             if finished:
                 continue
+            p = self.planners[i]
             g, state = self.g[i], self.states[i]
             m = int(multiplicity[g, wi])
             if p.request.composition is not None:
@@ -242,13 +257,20 @@ def _sample_batch(
     device,
     allowed_a: Tensor | None,
     use_cache: bool = True,
-    planner: Planner | None = None,
+    plans: list[tuple[Planner, list[int]]] | None = None,
 ) -> list[WyckoffCrystal]:
+    """``plans``: per crystal, the look-ahead planner and the groups that can meet it."""
     sym = model.sym
-    allowed_g = spacegroup_mask(spacegroup, device)
-    g_logits = model.g_logits(None).masked_fill(~allowed_g, float("-inf"))
-    g = _sample_logits(g_logits.expand(B, -1).cpu(), decoding, gen).to(device)
-    masks = _Masks(planner, g, sym.max_letters) if planner is not None else None
+    allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
+    if plans is not None:
+        allowed_g = torch.zeros(B, 231, dtype=torch.bool, device=device)
+        for i, (_, groups) in enumerate(plans):
+            allowed_g[i, groups] = True
+    g_logits = model.g_logits(None).expand(B, -1).masked_fill(~allowed_g, float("-inf"))
+    g = _sample_logits(g_logits.cpu(), decoding, gen).to(device)
+    masks = None
+    if plans is not None:
+        masks = _Masks([p for p, _ in plans], g, sym.max_letters)
 
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
     tokens = [model.start_token(g, None)]  # only used without the cache

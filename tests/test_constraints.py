@@ -253,3 +253,12 @@ def test_template_and_composition_together(model):
     for c in crystals:
         assert [T.letters[221, w] for w in c.wyckoff] == ["a", "b", "c"]
         assert int(c.species[2]) == 8 and sorted(c.species[:2].tolist()) == [22, 38]
+
+
+def test_one_composition_per_crystal(model):
+    comps = ["NaCl", "SrTiO3", "NaCl", "Fe2O3", {"Si": 2}]
+    crystals = sample_crystals(model, 5, composition=comps, seed=2, batch_size=2)
+    got = [decode(c).composition.reduced_formula for c in crystals]
+    assert got == ["NaCl", "SrTiO3", "NaCl", "Fe2O3", "Si"]
+    with pytest.raises(ValueError, match="2 compositions given for 3 crystals"):
+        sample_crystals(model, 3, composition=["NaCl", "KCl"])

@@ -1,0 +1,60 @@
+import json
+import math
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+
+from crystal_gpt.csp import CSPResult, _rms_distances, evaluate_csp, primitive_composition
+from crystal_gpt.pretrained import load_pretrained
+
+
+def _rocksalt(a: float = 5.64) -> Structure:
+    return Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3]
+    )
+
+
+def test_primitive_composition_and_matching_calibration():
+    conventional = _rocksalt()
+    assert len(conventional) == 8 and primitive_composition(conventional) == {"Na": 1, "Cl": 1}
+    cscl = Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    shaken = conventional.copy()
+    shaken.perturb(0.05, min_distance=0.05)
+    rms = _rms_distances(
+        (conventional.get_primitive_structure(), [conventional, shaken, cscl, None])
+    )
+    assert rms[0] < 1e-6 and 0 < rms[1] < 0.1  # supercell/primitive and a small shake match
+    assert math.isnan(rms[2]) and math.isnan(rms[3])  # another structure type; a failed sample
+
+
+def test_csp_summary_arithmetic(tmp_path):
+    nan = math.nan
+    rms = np.array([[0.1, nan, 0.3], [nan, 0.2, 0.05], [nan, nan, nan], [nan, nan, nan]])
+    res = CSPResult(["a", "b", "c", "d"], ["X", "Y", "Z", "W"], rms,
+                    np.array([True, True, True, False]), protocol="p")  # fmt: skip
+    s = res.summary()
+    assert s["match_rate@1"] == 0.25 and math.isclose(s["rmse@1"], 0.1)
+    assert s["match_rate@3"] == 0.5 and math.isclose(s["rmse@3"], (0.1 + 0.05) / 2)
+    assert s["infeasible_compositions"] == 1
+    res.write(tmp_path)
+    assert json.loads((tmp_path / "csp.json").read_text())["targets"] == 4
+    assert "match rate @3" in (tmp_path / "csp.md").read_text()
+    assert len((tmp_path / "csp.csv").read_text().splitlines()) == 5
+
+
+def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, capsys):
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.data import load_dataset
+
+    model = load_pretrained("perov_5")
+    recs = list(load_dataset("perov_5", "test", limit=6))
+    res = evaluate_csp(model, [r.structure for r in recs], [r.id for r in recs], k=4,
+                       workers=1, progress=False)  # fmt: skip
+    s = res.summary()
+    assert s["targets"] == 6 and res.feasible.all() and res.rms.shape == (6, 4)
+    assert s["match_rate@4"] >= s["match_rate@1"] and s["match_rate@4"] > 0  # easy 5-atom cells
+    out = tmp_path / "csp"
+    args = ["evaluate-csp", "--model", "perov_5", "--dataset", "perov_5", "--limit", "3"]
+    assert cli_main([*args, "-k", "2", "--workers", "1", "--out", str(out)]) == 0
+    assert "match rate @1" in capsys.readouterr().out
+    assert json.loads((out / "csp.json").read_text())["k"] == 2
