@@ -49,6 +49,9 @@ class ModelConfig:
     flow_transforms: int = 3
     flow_hidden: int = 128
     conditions: dict[str, int] = field(default_factory=dict)  # name -> input dimension
+    # P(crystal | composition): the structure-prediction (CSP) variant; the composition is read
+    # off each training crystal, and sampling needs one (``composition=``)
+    condition_on_composition: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +83,14 @@ class SymmetryTensors(nn.Module):
         self.register_buffer(
             "crystal_system", torch.as_tensor(t.crystal_system.astype("int64")).clamp(min=0), False
         )
+        # lattice points per conventional cell: pure translations among the general position
+        points = torch.ones(231)
+        for g in range(1, 231):
+            w = int(t.num_letters[g]) - 1
+            start = int(t.ops_start[g, w])
+            rot = t.ops_rot[start : start + int(t.multiplicity[g, w])]
+            points[g] = float((abs(rot - np.eye(3)) < 1e-9).all(axis=(1, 2)).sum())
+        self.register_buffer("lattice_points", points, False)
 
     def project(self, g: Tensor, w: Tensor, x: Tensor) -> Tensor:
         """Coordinates (B, 3) onto Wyckoff positions (g, w) through their first operation."""
@@ -142,6 +153,15 @@ class Block(nn.Module):
         return x + F.dropout(self.ff(self.ln2(x)), drop, self.training)
 
 
+COMPOSITION_DIM = NUM_ELEMENTS + 1
+
+
+def composition_features(counts: Tensor) -> Tensor:
+    """(B, 119) atoms per primitive cell -> element fractions and log(atoms per cell)."""
+    total = counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.cat([counts / total, torch.log(total)], dim=-1)
+
+
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
@@ -177,8 +197,10 @@ class CrystalGPT(nn.Module):
         self.sym = SymmetryTensors()
         L1 = self.sym.max_letters + 1
         self.g_prior = nn.Parameter(torch.zeros(231))  # logits of P(g) without conditions
-        self.g_prior_cond = nn.Linear(d, 231) if c.conditions else None
+        conditioned = bool(c.conditions) or c.condition_on_composition
+        self.g_prior_cond = nn.Linear(d, 231) if conditioned else None
         self.cond_encoders = nn.ModuleDict({k: mlp(n, d, d) for k, n in c.conditions.items()})
+        self.comp_encoder = mlp(COMPOSITION_DIM, d, d) if c.condition_on_composition else None
         self.emb_g = nn.Embedding(231, d)
         self.emb_gw = nn.Embedding(231 * L1, d)
         self.emb_letter = nn.Embedding(L1, d)
@@ -216,14 +238,37 @@ class CrystalGPT(nn.Module):
     def _gw_index(self, g: Tensor, w: Tensor) -> Tensor:
         return g * (self.sym.max_letters + 1) + w
 
-    def condition_vector(self, g: Tensor, conditions: dict[str, Tensor] | None) -> Tensor | None:
-        if not self.config.conditions:
+    def condition_vector(
+        self,
+        g: Tensor,
+        conditions: dict[str, Tensor] | None,
+        composition: Tensor | None = None,
+    ) -> Tensor | None:
+        """Sum of the condition encodings; ``composition`` (B, 119) counts per primitive cell."""
+        if not self.config.conditions and not self.config.condition_on_composition:
             return None
         conditions = conditions or {}
         missing = set(self.config.conditions) - set(conditions)
         if missing:
             raise ValueError(f"model needs conditions {sorted(missing)}")
-        return sum(enc(conditions[k].float()) for k, enc in self.cond_encoders.items())
+        out = sum(enc(conditions[k].float()) for k, enc in self.cond_encoders.items())
+        if self.comp_encoder is not None:
+            if composition is None:
+                raise ValueError(
+                    "this model predicts structures for a given composition: pass composition="
+                )
+            out = out + self.comp_encoder(composition_features(composition))
+        return out
+
+    def composition_counts(self, g: Tensor, w: Tensor, a: Tensor, n: Tensor) -> Tensor:
+        """Atoms per primitive cell of each element (B, 119), read off the site sequence."""
+        steps = torch.arange(w.shape[1], device=w.device)
+        real = steps.unsqueeze(0) < n.unsqueeze(1)
+        gb = g.unsqueeze(-1).expand_as(w)
+        mult = torch.where(real, self.sym.multiplicity[gb, w.clamp(max=self.sym.pad)], 0.0)
+        counts = torch.zeros(len(g), NUM_ELEMENTS, device=w.device)
+        counts.scatter_add_(1, torch.where(real, a, 0), mult)
+        return counts / self.sym.lattice_points[g].unsqueeze(-1)
 
     def embed_sites(self, g: Tensor, w: Tensor, a: Tensor, x: Tensor) -> Tensor:
         """Embedding of sites (B, n) -> (B, n, d)."""
@@ -341,7 +386,10 @@ class CrystalGPT(nn.Module):
         n = batch["n"]
         B, T = w.shape  # T = max sites; position k >= n is padding
         pad = self.sym.pad
-        cond = self.condition_vector(g, conditions)
+        comp = None
+        if self.config.condition_on_composition:
+            comp = self.composition_counts(g, w, a, n)
+        cond = self.condition_vector(g, conditions, comp)
         h = torch.cat([self.start_token(g, cond), self.embed_sites(g, w, a, x)], dim=1)
         h = self.backbone(h)  # (B, T+1, d): output k predicts site k+1
         # targets: sites 1..n, then the end

@@ -130,6 +130,10 @@ def sample_crystals(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     allowed_a = element_mask(elements, exclude_elements, device)
+    if getattr(model.config, "condition_on_composition", False) and composition is None:
+        raise ValueError(
+            "this model predicts structures for a given composition: pass composition="
+        )
     per_crystal = isinstance(composition, list | tuple)
     if per_crystal and len(composition) != n:
         raise ValueError(f"{len(composition)} compositions given for {n} crystals")
@@ -262,19 +266,26 @@ def _sample_batch(
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it."""
     sym = model.sym
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
+    counts = None
     if plans is not None:
         allowed_g = torch.zeros(B, 231, dtype=torch.bool, device=device)
-        for i, (_, groups) in enumerate(plans):
+        counts = torch.zeros(B, NUM_ELEMENTS, device=device)
+        for i, (planner, groups) in enumerate(plans):
             allowed_g[i, groups] = True
-    g_logits = model.g_logits(None).expand(B, -1).masked_fill(~allowed_g, float("-inf"))
+            for z, c in planner.request.composition or ():
+                counts[i, z] = c
+    cond = None
+    if getattr(model.config, "condition_on_composition", False):
+        cond = model.condition_vector(None, None, counts)
+    g_logits = model.g_logits(cond).expand(B, -1).masked_fill(~allowed_g, float("-inf"))
     g = _sample_logits(g_logits.cpu(), decoding, gen).to(device)
     masks = None
     if plans is not None:
         masks = _Masks([p for p, _ in plans], g, sym.max_letters)
 
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
-    tokens = [model.start_token(g, None)]  # only used without the cache
-    h = model.backbone(tokens[0], caches, offset=0)[:, -1]
+    tokens = [model.start_token(g, cond)]  # only used without the cache
+    h = model.backbone(tokens[0], caches, offset=0)[:, -1]  # token 0: group and conditions
     max_sites = model.config.max_sites
     prev_w = torch.zeros(B, dtype=torch.long, device=device)
     prev_a = torch.zeros(B, dtype=torch.long, device=device)
