@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from crystal_gpt.model import CrystalGPT
 
         return CrystalGPT
+    if name == "evaluate":  # the evaluation suite pulls in matminer and smact
+        from crystal_gpt.evaluation import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'crystal_gpt' has no attribute {name!r}")
 
 
@@ -38,6 +42,7 @@ __all__ = [  # noqa: RUF022
     "decode",
     "encode",
     "encode_dataset",
+    "evaluate",
     "get_tables",
     "load_dataset",
 ]

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -249,6 +250,171 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_csp(args: argparse.Namespace) -> int:
+    from crystal_gpt.csp import evaluate_csp
+    from crystal_gpt.data import load_dataset
+    from crystal_gpt.pretrained import load_pretrained
+    from crystal_gpt.training import pick_device
+
+    model = load_pretrained(args.model, pick_device(args.device))
+    data = load_dataset(args.dataset, args.split)
+    records = list(data)
+    if args.limit is not None and args.limit < len(records):
+        pick = np.random.default_rng(args.subset_seed).choice(len(records), args.limit, False)
+        records = [records[i] for i in sorted(pick)]
+    subset = (
+        f"{len(records)} of {len(data)} crystals (seed {args.subset_seed})"
+        if args.limit is not None and args.limit < len(data)
+        else f"all {len(records)} crystals"
+    )
+    result = evaluate_csp(
+        model,
+        [r.structure for r in records],
+        [r.id for r in records],
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        workers=args.workers,
+        description=f"model {args.model}; {args.dataset} {args.split}, {subset}",
+    )
+    out = result.write(args.out)
+    summary = result.summary()
+    k = args.k
+    print(
+        f"CSP on {summary['targets']} {args.dataset} {args.split} crystals: match rate @1 "
+        f"{100 * summary['match_rate@1']:.2f}% (RMSE {summary['rmse@1']:.4f}), @{k} "
+        f"{100 * summary[f'match_rate@{k}']:.2f}% (RMSE {summary[f'rmse@{k}']:.4f}); "
+        f"{summary['infeasible_compositions']} compositions the model cannot build; "
+        f"-> {out}/csp.md, csp.json, csp.csv"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """CDVAE metrics, uniqueness, novelty and symmetry statistics of generated crystals."""
+    import warnings
+
+    from crystal_gpt.evaluation import build_reference, evaluate
+
+    warnings.filterwarnings("ignore", module="pymatgen")
+    warnings.filterwarnings("ignore", module="matminer")
+    progress = not args.quiet
+    cutoffs = None
+    if (args.struct_cutoff is None) != (args.comp_cutoff is None):
+        raise ValueError("give both --struct-cutoff and --comp-cutoff, or neither")
+    if args.struct_cutoff is not None:
+        cutoffs = (args.struct_cutoff, args.comp_cutoff)
+    if args.build_reference:
+        paths = build_reference(
+            args.dataset,
+            args.reference_split,
+            train_split=None if args.no_novelty else args.train_split,
+            limit=args.reference_limit,
+            workers=args.workers,
+            progress=progress,
+        )
+        print("reference cache: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
+        if args.samples is None:
+            return 0
+    if args.samples is None:
+        raise ValueError("give SAMPLES (a folder, CIF, extxyz or CSV) or --build-reference")
+    ev = evaluate(
+        args.samples,
+        args.dataset,
+        reference_split=args.reference_split,
+        train_split=None if args.no_novelty else args.train_split,
+        reference_limit=args.reference_limit,
+        n_property=args.n_property,
+        seed=args.seed,
+        cutoffs=cutoffs,
+        workers=args.workers,
+        progress=progress,
+    )
+    stability = None
+    if args.stability:
+        try:
+            from crystal_gpt.stability import evaluate_stability
+        except ImportError as err:
+            raise ValueError(f"--stability needs crystal_gpt.stability and chgnet: {err}") from err
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        stability = evaluate_stability(
+            ev.structures,
+            args.dataset,
+            workers=args.workers or os.cpu_count() or 1,
+            cache=Path(args.out) / "relaxations.jsonl",  # an interrupted run resumes from here
+            novel_mask=ev.novel,
+            unique_mask=ev.unique,
+            progress=progress,
+        )
+    out = ev.write_report(args.out, stability=stability)
+    m = ev.metrics
+    v, c, p = m["validity"], m["coverage"], m["property"]
+    print(
+        f"{m['crystals']} crystals ({m['unreadable']} unreadable) vs {m['dataset']} "
+        f"{m['reference_split']} ({m['reference_crystals']}): struct {v['struct_valid']:.2f}%, "
+        f"comp {v['comp_valid']:.2f}%, COV-R {c['cov_recall']:.2f}%, COV-P "
+        f"{c['cov_precision']:.2f}%, wdist density {p['wdist_density']:.3f}, #elements "
+        f"{p['wdist_num_elements']:.3f}"
+    )
+    un, sy = m["uniqueness_novelty"], m["symmetry"]
+    if un:
+        print(f"unique {un['unique']:.2f}%, novel {un['novel']:.2f}%, P1 {sy['p1_share']:.2f}%")
+    for name, why in ev.errors[:5]:
+        print(f"  unreadable: {name}: {why}", file=sys.stderr)
+    print(f"-> {out}/report.md, report.html, metrics.json, crystals.csv, plots")
+    return 0
+
+
+def cmd_hull(args: argparse.Namespace) -> int:
+    """Build or describe the CHGNet reference hull that stability and S.U.N. numbers need."""
+    import warnings
+
+    try:
+        from crystal_gpt.stability import ReferenceHull, hull_path
+    except ImportError as err:
+        print(f"crystal-gpt: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.hull_command == "build":
+            hull = ReferenceHull.build(
+                args.dataset,
+                splits=[s for s in args.splits.split(",") if s],
+                workers=args.workers,
+                limit=args.limit,
+                relax_steps=args.relax_steps,
+                path=args.out,
+                progress=not args.quiet,
+            )
+            print(hull.summary())
+            print(f"-> {args.out or hull_path(args.dataset)}")
+            return 0
+        hull = ReferenceHull.load(args.dataset, path=args.out)
+    except ImportError as err:  # chgnet missing
+        print(f"crystal-gpt: error: {err}", file=sys.stderr)
+        return 2
+    print(hull.summary())
+    print(f"file: {args.out or hull_path(args.dataset)}")
+    if args.check:
+        # E_hull of reference crystals themselves: how many known crystals this hull calls
+        # stable (a ceiling for generated ones; all mp_20 crystals are within 0.08 eV/atom in DFT)
+        rng = np.random.default_rng(0)
+        data = [i for i, src in enumerate(hull.sources) if src != "ase-bulk"]
+        pick = rng.choice(data, size=min(args.check, len(data)), replace=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            e = hull.e_above_hull([(hull.formulas[i], hull.energy_per_atom[i]) for i in pick])
+        missing = ", ".join(sorted(hull.last_missing)) or "-"
+        e = e[np.isfinite(e)]
+        print(
+            f"check on {len(e)} of {len(pick)} reference crystals (no elemental reference: "
+            f"{missing}): E_hull median {np.median(e):.3f} eV/atom, "
+            f"<= 0.1: {np.mean(e <= 0.1):.1%}, <= 0.08: {np.mean(e <= 0.08):.1%}, "
+            f"on hull (<= 1 meV): {np.mean(e <= 1e-3):.1%}"
+        )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from crystal_gpt.pretrained import list_models
 
@@ -369,6 +535,107 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", default="auto")
     sa.add_argument("--out", default="samples", help="output folder (default ./samples)")
     sa.set_defaults(func=cmd_sample)
+
+    cs = sub.add_parser(
+        "evaluate-csp",
+        help="structure prediction: sample k crystals per test composition, match rate @1/@k",
+    )
+    cs.add_argument("--model", default="mp_20", help="bundled model name or checkpoint path")
+    cs.add_argument("--dataset", default="mp_20")
+    cs.add_argument("--split", default="test")
+    cs.add_argument("-k", type=int, default=20, help="samples per composition (default 20)")
+    cs.add_argument("--limit", type=int, help="a random subset of this many test crystals")
+    cs.add_argument("--subset-seed", type=int, default=0)
+    cs.add_argument("--temperature", type=float, default=1.0)
+    cs.add_argument("--top-p", type=float, default=1.0)
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--workers", type=int, help="processes for matching (default: all cores)")
+    cs.add_argument("--device", default="auto")
+    cs.add_argument("--out", default="csp_eval", help="output folder (default ./csp_eval)")
+    cs.set_defaults(func=cmd_evaluate_csp)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="CDVAE metrics, uniqueness, novelty, symmetry statistics and a report",
+        description="Evaluate generated crystals like CDVAE/DiffCSP/FlowMM: validity, coverage "
+        "(COV-R/P), Wasserstein distances of density and #elements, uniqueness, novelty against "
+        "the training crystals, space-group statistics; writes report.md/html, metrics.json, "
+        "crystals.csv and plots. The reference fingerprints of a split are computed once and "
+        "cached (slow: ~10 min for mp_20 test on 2 cores); fill the cache ahead with "
+        "`crystal-gpt evaluate --build-reference --dataset mp_20`.",
+    )
+    ev.add_argument(
+        "samples",
+        nargs="?",
+        help="a `crystal-gpt sample` folder, a folder of CIFs, a .cif, an .extxyz, a "
+        "summary.csv or a CDVAE-format CSV",
+    )
+    ev.add_argument("--dataset", default="mp_20", help="reference dataset (default mp_20)")
+    ev.add_argument("--out", default="evaluation", help="report folder (default ./evaluation)")
+    ev.add_argument(
+        "--build-reference",
+        action="store_true",
+        help="compute and cache the reference fingerprints (and training formulas), then "
+        "evaluate SAMPLES if given",
+    )
+    ev.add_argument("--reference-split", default="test", help="coverage reference (default test)")
+    ev.add_argument("--train-split", default="train", help="novelty reference (default train)")
+    ev.add_argument("--no-novelty", action="store_true", help="skip uniqueness and novelty")
+    ev.add_argument(
+        "--reference-limit",
+        type=int,
+        help="only the first N crystals of the reference and training splits (quick checks; "
+        "numbers not comparable)",
+    )
+    ev.add_argument(
+        "--n-property",
+        type=int,
+        default=1000,
+        help="valid crystals drawn for the Wasserstein distances (protocol: 1000)",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of that draw (default 0)")
+    ev.add_argument("--struct-cutoff", type=float, help="COV structure cutoff (default: dataset's)")
+    ev.add_argument("--comp-cutoff", type=float, help="COV composition cutoff")
+    ev.add_argument(
+        "--stability",
+        action="store_true",
+        help="also relax with CHGNet and compute energies above hull (slow; crystal_gpt.stability)",
+    )
+    ev.add_argument("--workers", type=int, help="processes (default: all cores)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    hu = sub.add_parser(
+        "hull", help="CHGNet reference hull for stability / S.U.N. (build once, then info)"
+    )
+    hu_sub = hu.add_subparsers(dest="hull_command", required=True, metavar="ACTION")
+    hub = hu_sub.add_parser(
+        "build",
+        help="CHGNet energies of a dataset's crystals + relaxed elemental references (~10 min "
+        "for mp_20 on one core)",
+    )
+    hui = hu_sub.add_parser(
+        "info", help="what a built hull holds; --check N: E_hull of N of its crystals"
+    )
+    for p in (hub, hui):
+        p.add_argument("--dataset", default="mp_20", help="dataset name (default mp_20)")
+        p.add_argument("--out", help="hull file (default: <cache>/hull/<dataset>_chgnet.json)")
+    hub.add_argument(
+        "--splits",
+        default="train,holdout,test",
+        help="comma-separated splits whose crystals form the reference (default: all)",
+    )
+    hub.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    hub.add_argument("--limit", type=int, help="at most N crystals per split (quick trials)")
+    hub.add_argument(
+        "--relax-steps",
+        type=int,
+        default=0,
+        help="relax the dataset crystals too (default 0: single points at DFT geometries)",
+    )
+    hub.add_argument("--quiet", action="store_true", help="no progress bars")
+    hui.add_argument("--check", type=int, default=0, metavar="N", help="E_hull of N references")
+    hu.set_defaults(func=cmd_hull)
 
     mo = sub.add_parser("models", help="list the bundled models")
     mo.set_defaults(func=cmd_models)

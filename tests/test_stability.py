@@ -1,0 +1,177 @@
+"""CHGNet relaxation and reference hull, on a tiny Al-Ni system (relaxations are slow on CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from pymatgen.analysis.phase_diagram import PDEntry
+from pymatgen.core import Lattice, Structure
+
+pytest.importorskip("chgnet", reason="needs the eval extra: pip install 'crystal-gpt[eval]'")
+
+from crystal_gpt import stability
+from crystal_gpt.stability import (
+    ReferenceHull,
+    displacement_rmsd,
+    evaluate_stability,
+    relax_structures,
+)
+
+
+def b2_alni(a: float = 2.88) -> Structure:
+    """AlNi in the CsCl (B2) structure: the stable phase of the Al-Ni system."""
+    return Structure.from_spacegroup("Pm-3m", Lattice.cubic(a), ["Al", "Ni"], [[0] * 3, [0.5] * 3])
+
+
+def l12_alni3(a: float = 3.57) -> Structure:
+    """AlNi3 in the Cu3Au (L1_2) structure: Ni3Al, also on the hull."""
+    return Structure.from_spacegroup(
+        "Pm-3m", Lattice.cubic(a), ["Al", "Ni"], [[0] * 3, [0.5, 0.5, 0]]
+    )
+
+
+def expanded(s: Structure, factor: float) -> Structure:
+    out = s.copy()
+    out.scale_lattice(s.volume * factor**3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Shared resume cache: the elemental references are relaxed once per session."""
+    return tmp_path_factory.mktemp("hull_work")
+
+
+@pytest.fixture(scope="module")
+def hull(work) -> ReferenceHull:
+    """Al-Ni hull: B2 AlNi and L1_2 AlNi3 single points + relaxed ase fcc Al and fcc Ni."""
+    stability.load_potential()
+    return ReferenceHull.from_structures(
+        [b2_alni(), l12_alni3()], ids=["AlNi", "AlNi3"], cache=work, progress=False
+    )
+
+
+def test_displacement_rmsd_ignores_periodic_images_and_rigid_shifts() -> None:
+    s = b2_alni()
+    moved = s.copy()
+    moved.translate_sites([0, 1], [0.25, 1.0, -1.0], frac_coords=True)  # rigid shift + images
+    assert displacement_rmsd(s, moved) == pytest.approx(0.0, abs=1e-9)
+    moved = s.copy()
+    moved.translate_sites([1], [0.1, 0, 0], frac_coords=True)  # Ni by 0.288 A
+    # mean removed: each atom moves 0.144 A relative to the centre
+    assert displacement_rmsd(s, moved) == pytest.approx(0.144, abs=1e-6)
+
+
+def test_hull_elements_and_known_phases(hull: ReferenceHull) -> None:
+    assert hull.elements == {"Al", "Ni"}
+    assert hull.meta["elements_from_ase"] == ["Al", "Ni"]
+    assert hull.meta["elements_without_reference"] == []
+    e = dict(zip(hull.ids, hull.energy_per_atom, strict=True))
+    pairs = [
+        ("Al", e["ase-bulk-Al"]),  # the elemental reference itself
+        (b2_alni(), e["AlNi"]),  # a hull phase
+        ("Ni3Al", e["AlNi3"]),  # formula strings work too
+    ]
+    assert np.allclose(hull.e_above_hull(pairs), 0.0, atol=1e-6)
+    # an entry object gives the same as a (composition, energy/atom) pair
+    entry = PDEntry(b2_alni().composition, e["AlNi"] * 2 + 0.1)
+    assert hull.e_above_hull([entry])[0] == pytest.approx(0.05, abs=1e-6)
+
+
+def test_known_stable_binary_lands_near_a_hull_without_it(hull, work) -> None:
+    """B2 AlNi, left out of the reference, sits on or below the Al-AlNi3-Ni hull."""
+    small = ReferenceHull.from_structures([l12_alni3()], cache=work, progress=False)
+    e_b2 = stability.single_point_energies([b2_alni()], progress=False)[0][0]
+    e_hull = small.e_above_hull([(b2_alni(), e_b2)])[0]
+    assert e_hull < 0.1
+    assert e_hull < 0.0  # B2 AlNi is strongly stable: a new hull vertex for this reference
+
+
+def test_strained_and_unreferenced_crystals(hull: ReferenceHull) -> None:
+    strained = [expanded(b2_alni(), 1.25), expanded(l12_alni3(), 0.85)]
+    energies, errors = stability.single_point_energies(strained, progress=False)
+    assert errors == [None, None]
+    above = hull.e_above_hull(list(zip(strained, energies, strict=True)))
+    assert (above > 0.1).all()
+    with pytest.warns(UserWarning, match="Cu"):
+        out = hull.e_above_hull([("AlCu", -4.0), ("Al", math.nan), ("AlNi", -5.0)])
+    assert math.isnan(out[0]) and math.isnan(out[1]) and math.isfinite(out[2])
+    assert hull.last_missing == {"Cu": 1}
+
+
+def test_save_and_load_roundtrip(hull: ReferenceHull, tmp_path) -> None:
+    path = hull.save(tmp_path / "h.json")
+    back = ReferenceHull.load("mp_20", path=path)
+    pairs = [(expanded(b2_alni(), 1.1), -5.2), ("AlNi3", -5.6)]
+    assert np.allclose(back.e_above_hull(pairs), hull.e_above_hull(pairs), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="crystal-gpt hull build --dataset perov_5"):
+        ReferenceHull.load("perov_5")  # the test cache is empty and only mp_20's hull ships
+    shipped = ReferenceHull.load("mp_20")  # from crystal_gpt/references when the cache has none
+    assert len(shipped) > 19000 and len(shipped.elements) == 88
+
+
+def test_relax_resume_and_failures(tmp_path, monkeypatch) -> None:
+    stability.load_potential()
+    lonely = Structure(Lattice.cubic(15.0), ["Ni"], [[0, 0, 0]])  # no neighbour: not a crystal
+    crystals = [expanded(b2_alni(), 1.05), l12_alni3(3.5), lonely, expanded(b2_alni(), 1.05)]
+    cache = tmp_path / "relax.jsonl"
+    first = relax_structures(crystals, steps=40, cache=cache, progress=False)
+    assert len(first) == 4
+    ok = first[0]
+    assert ok.ok and ok.structure is not None and ok.converged
+    assert ok.energy_per_atom < ok.initial_energy_per_atom
+    assert ok.structure.volume < crystals[0].volume  # the expanded cell shrinks back
+    assert ok.rmsd < 0.05  # B2 atoms sit on fixed positions: only the cell relaxes
+    assert first[1].ok
+    assert not first[2].ok and first[2].error and math.isnan(first[2].energy_per_atom)
+    assert first[3].energy_per_atom == ok.energy_per_atom  # duplicate relaxed once
+    assert len(cache.read_text().splitlines()) == 3
+
+    def boom(job):
+        raise AssertionError("cached crystals must not be relaxed again")
+
+    monkeypatch.setattr(stability, "_relax_job", boom)
+    again = relax_structures(crystals, steps=40, cache=cache, progress=False)
+    for a, b in zip(first, again, strict=True):
+        assert a.error == b.error and a.converged == b.converged
+        assert (a.energy_per_atom == b.energy_per_atom) or math.isnan(a.energy_per_atom)
+        if a.structure is not None:
+            assert a.structure == b.structure and a.rmsd == b.rmsd
+    # a line cut short by a kill is ignored
+    with open(cache, "a") as f:
+        f.write('{"key": "trunc')
+    assert len(stability.read_relax_cache(cache)) == 3
+    json.loads(cache.read_text().splitlines()[0])
+
+
+def test_relax_in_worker_processes() -> None:
+    crystals = [expanded(b2_alni(), 1.02), expanded(l12_alni3(), 1.02)]
+    par = relax_structures(crystals, steps=20, workers=2, progress=False)
+    seq = relax_structures(crystals, steps=20, workers=1, progress=False)
+    for a, b in zip(par, seq, strict=True):
+        assert a.ok and b.ok
+        assert a.energy_per_atom == pytest.approx(b.energy_per_atom, abs=1e-4)
+
+
+def test_evaluate_stability(hull: ReferenceHull) -> None:
+    crystals = [expanded(b2_alni(), 1.04), Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]])]
+    out = evaluate_stability(
+        crystals,
+        hull=hull,
+        steps=40,
+        novel_mask=[True, True],
+        unique_mask=[False, True],
+        progress=False,
+    )
+    assert abs(out["e_above_hull"][0]) < 0.02  # relaxes back onto the hull
+    assert math.isnan(out["e_above_hull"][1])  # Cu has no reference
+    assert out["stable_0.1"] == 0.5 and out["stable_0.0"] + out["metastable"] == 0.5
+    assert out["sun_rate"] == 0.0 and out["stable_novel_rate"] == 0.5
+    assert out["n_failed"] == 0 and out["n_no_reference"] == 1
+    assert out["missing_elements"] == {"Cu": 1}
+    assert "CHGNet" in out["protocol"] and "fmax=0.1" in out["protocol"]
+    with pytest.raises(ValueError, match="novel_mask"):
+        evaluate_stability(crystals, hull=hull, novel_mask=[True])
