@@ -425,6 +425,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"crystals, {meta.get('protocol', '')}); test NLL "
             f"{meta.get('test_nll', float('nan')):.3f} nats/crystal, "
             f"{meta.get('test_nll_per_atom', float('nan')):.3f} nats/atom"
+            + (f" ({meta['note']})" if meta.get("note") else "")
         )
     return 0
 

@@ -61,11 +61,14 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     cfg = ck["config"]
     # P(g) has parameters of its own: its maximum-likelihood value is the smoothed training
     # histogram, whatever the optimiser reached (runs before that initialisation reached little)
-    train_g = encode_dataset(
-        cfg["dataset"], cfg["train_split"], symprec=cfg["symprec"], progress=False
-    ).spacegroup
+    # (not for a conditioned model, whose P(g | condition) adds a learned term to g_prior)
     state = dict(ck["model"])
-    state["g_prior"] = spacegroup_prior(train_g)
+    conditioned = cfg["model"].get("conditions") or cfg["model"].get("condition_on_composition")
+    if not conditioned:
+        train_g = encode_dataset(
+            cfg["dataset"], cfg["train_split"], symprec=cfg["symprec"], progress=False
+        ).spacegroup
+        state["g_prior"] = spacegroup_prior(train_g)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     model = CrystalGPT(ModelConfig(**cfg["model"]))
     meta = {
