@@ -256,6 +256,7 @@ class CrystalGPT(nn.Module):
             if composition is None:
                 raise ValueError(
                     "this model predicts structures for a given composition: pass composition="
+                    " (CLI: --composition)"
                 )
             out = out + self.comp_encoder(composition_features(composition))
         return out

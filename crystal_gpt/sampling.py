@@ -133,6 +133,7 @@ def sample_crystals(
     if getattr(model.config, "condition_on_composition", False) and composition is None:
         raise ValueError(
             "this model predicts structures for a given composition: pass composition="
+            " (CLI: --composition)"
         )
     per_crystal = isinstance(composition, list | tuple)
     if per_crystal and len(composition) != n:

@@ -58,3 +58,19 @@ def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, cap
     assert cli_main([*args, "-k", "2", "--workers", "1", "--out", str(out)]) == 0
     assert "match rate @1" in capsys.readouterr().out
     assert json.loads((out / "csp.json").read_text())["k"] == 2
+
+
+def test_bundled_csp_model_needs_and_honours_a_composition(tmp_path, capsys):
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.constraints import lattice_points
+
+    model = load_pretrained("mp_20_csp")
+    assert model.config.condition_on_composition
+    structures = model.sample(8, composition="Li4Fe4P4O16", seed=0)
+    for s in structures:
+        k = round(len(s) / 28)
+        assert s.composition.as_dict() == {"Li": 4.0 * k, "Fe": 4.0 * k, "P": 4.0 * k,
+                                           "O": 16.0 * k}  # fmt: skip
+    assert cli_main(["sample", "--model", "mp_20_csp", "-n", "2", "--out", str(tmp_path)]) == 2
+    assert "pass composition=" in capsys.readouterr().err
+    assert lattice_points(62) == 1
