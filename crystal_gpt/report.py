@@ -20,19 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from crystal_gpt import metrics as M
+from crystal_gpt.symmetry import CRYSTAL_SYSTEMS
 
 if TYPE_CHECKING:
     from crystal_gpt.evaluation import Evaluation
 
-SYSTEMS = (
-    "triclinic",
-    "monoclinic",
-    "orthorhombic",
-    "tetragonal",
-    "trigonal",
-    "hexagonal",
-    "cubic",
-)
+SYSTEMS = CRYSTAL_SYSTEMS
 LATTICE_LABELS = ("a (A)", "b (A)", "c (A)", "alpha (deg)", "beta (deg)", "gamma (deg)")
 
 

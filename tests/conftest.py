@@ -1,6 +1,12 @@
 import warnings
 
 import pytest
+import torch
+
+from crystal_gpt import encode_dataset
+from crystal_gpt.batch import PaddedCrystals
+from crystal_gpt.model import CrystalGPT, lattice_statistics
+from crystal_gpt.training import load_config
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +20,14 @@ def _quiet_pymatgen():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="pymatgen")
         yield
+
+
+@pytest.fixture(scope="module")
+def model() -> CrystalGPT:
+    """An untrained tiny model with carbon_24 lattice statistics: fast, and every sampler path
+    (masks, caches, lattices) is exercised as with a trained one."""
+    torch.manual_seed(0)
+    m = CrystalGPT(load_config("tiny").model)
+    data = PaddedCrystals(encode_dataset("carbon_24", "holdout", workers=1, progress=False))
+    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    return m.eval()

@@ -5,10 +5,8 @@ import time
 import numpy as np
 import pytest
 import spglib
-import torch
 
-from crystal_gpt import decode, encode_dataset
-from crystal_gpt.batch import PaddedCrystals
+from crystal_gpt import decode
 from crystal_gpt.constraints import (
     ConstraintError,
     Planner,
@@ -18,21 +16,10 @@ from crystal_gpt.constraints import (
     parse_composition,
     parse_template,
 )
-from crystal_gpt.model import CrystalGPT, lattice_statistics
 from crystal_gpt.sampling import sample_crystals
 from crystal_gpt.symmetry import get_tables
-from crystal_gpt.training import load_config
 
 T = get_tables()
-
-
-@pytest.fixture(scope="module")
-def model() -> CrystalGPT:
-    torch.manual_seed(0)
-    m = CrystalGPT(load_config("tiny").model)
-    data = PaddedCrystals(encode_dataset("carbon_24", "holdout", workers=1, progress=False))
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
-    return m.eval()
 
 
 def test_parsing():

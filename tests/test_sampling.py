@@ -3,23 +3,13 @@ import pytest
 import spglib
 import torch
 
-from crystal_gpt import decode, encode_dataset
+from crystal_gpt import decode
 from crystal_gpt.batch import PaddedCrystals, crystals_to_encoded
-from crystal_gpt.model import CrystalGPT, lattice_statistics
+from crystal_gpt.model import CrystalGPT
 from crystal_gpt.sampling import sample_crystals
 from crystal_gpt.symmetry import get_tables
-from crystal_gpt.training import load_config
 
 T = get_tables()
-
-
-@pytest.fixture(scope="module")
-def model() -> CrystalGPT:
-    torch.manual_seed(0)
-    m = CrystalGPT(load_config("tiny").model)
-    data = PaddedCrystals(encode_dataset("carbon_24", "holdout", workers=1, progress=False))
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
-    return m.eval()
 
 
 def test_kv_cache_matches_full_forward(model):
@@ -71,7 +61,6 @@ def test_bundled_model_cli_sample_writes_readable_symmetric_cifs(tmp_path, capsy
     from pymatgen.core import Structure
 
     from crystal_gpt.cli import main as cli_main
-    from crystal_gpt.model import CrystalGPT
 
     assert cli_main(["models"]) == 0
     assert "mp_20" in capsys.readouterr().out
