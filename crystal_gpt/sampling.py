@@ -226,6 +226,14 @@ class _Masks:
             mask[i, self.L] = can_end
         return torch.as_tensor(mask, device=device)
 
+    def keep(self, keep: list[bool]) -> None:
+        """Drop the rows of finished crystals (the sampler compacts its batch)."""
+        pick = [i for i, k in enumerate(keep) if k]
+        self.planners = [self.planners[i] for i in pick]
+        self.g = [self.g[i] for i in pick]
+        self.states = [self.states[i] for i in pick]
+        self.moves = [self.moves[i] for i in pick]
+
     def elements(self, w: Tensor, done: Tensor, base: Tensor | None, device) -> Tensor | None:
         mask = np.ones((len(self.g), NUM_ELEMENTS), dtype=bool)
         for i, (wi, finished) in enumerate(zip(w.tolist(), done.tolist(), strict=True)):
@@ -288,51 +296,65 @@ def _sample_batch(
     tokens = [model.start_token(g, cond)]  # only used without the cache
     h = model.backbone(tokens[0], caches, offset=0)[:, -1]  # token 0: group and conditions
     max_sites = model.config.max_sites
+    # Finished crystals leave the batch, so the long tail of a few big crystals costs only
+    # their own rows; ``rows`` maps the active rows to the batch's crystals.
+    g_all, rows = g, torch.arange(B, device=device)
     prev_w = torch.zeros(B, dtype=torch.long, device=device)
     prev_a = torch.zeros(B, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     h_end = torch.zeros_like(h)
-    sites_w, sites_a, sites_x = [], [], []
+    W = torch.full((max_sites, B), sym.pad, dtype=torch.long, device=device)
+    A = torch.zeros((max_sites, B), dtype=torch.long, device=device)
+    X = torch.zeros((max_sites, B, 3), device=device)
+    steps = 0
     for k in range(max_sites + 1):
-        first = torch.full((B,), k == 0, device=device)
+        n = len(rows)
+        first = torch.full((n,), k == 0, device=device)
+        none_done = torch.zeros(n, dtype=torch.bool, device=device)
         w_logits = model.w_logits(h, g, prev_w, first)
         if k == max_sites:  # no room for another site: end
             w_logits = torch.where(
                 torch.arange(w_logits.shape[-1], device=device) == sym.pad, 0.0, float("-inf")
             ).expand_as(w_logits)
         if masks is not None:
-            w_logits = w_logits.masked_fill(~masks.letters(done, device), float("-inf"))
+            w_logits = w_logits.masked_fill(~masks.letters(none_done, device), float("-inf"))
         w = _sample_logits(w_logits.cpu(), decoding, gen).to(device)
-        w = torch.where(done, torch.full_like(w, sym.pad), w)
-        ends = (w == sym.pad) & ~done
-        h_end[ends] = h[ends]
-        done = done | ends
-        if bool(done.all()):
-            break
-        wc = torch.where(done, torch.zeros_like(w), w)  # ended rows carry a harmless dummy site
-        allowed = allowed_a if masks is None else masks.elements(wc, done, allowed_a, device)
-        a_logits, ctx = model.a_logits(h, g, wc, prev_w, prev_a, first, allowed)
+        ends = w == sym.pad
+        if bool(ends.any()):
+            h_end[rows[ends]] = h[ends]
+            keep = ~ends
+            if not bool(keep.any()):
+                break
+            rows, h, g, w, prev_w, prev_a, first, none_done = (
+                t[keep] for t in (rows, h, g, w, prev_w, prev_a, first, none_done)
+            )
+            for c in caches or ():
+                c["k"], c["v"] = c["k"][keep], c["v"][keep]
+            tokens = [t[keep] for t in tokens]
+            if masks is not None:
+                masks.keep(keep.tolist())
+        allowed = allowed_a if masks is None else masks.elements(w, none_done, allowed_a, device)
+        a_logits, ctx = model.a_logits(h, g, w, prev_w, prev_a, first, allowed)
         a = _sample_logits(a_logits.cpu(), decoding, gen).to(device)
         if masks is not None:
-            masks.advance(wc, a, done, sym.multiplicity)
-        x = torch.zeros(B, 3, device=device)
+            masks.advance(w, a, none_done, sym.multiplicity)
+        x = torch.zeros(len(rows), 3, device=device)
         for j in range(3):
             params = model.x_params(ctx, a, x, j)
             x[:, j] = von_mises_mixture_sample(params.cpu(), gen).to(device)
-        x = model.sym.project(g, wc, x)
-        sites_w.append(w)
-        sites_a.append(a)
-        sites_x.append(x)
-        emb = model.embed_sites(g, wc.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
+        x = model.sym.project(g, w, x)
+        W[k, rows], A[k, rows], X[k, rows] = w, a, x
+        steps = k + 1
+        emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
         if use_cache:
             h = model.backbone(emb, caches, offset=k + 1)[:, -1]
         else:  # the reference: re-run the whole prefix for every new token
             tokens.append(emb)
             h = model.backbone(torch.cat(tokens, dim=1))[:, -1]
-        prev_w, prev_a = wc, a
+        prev_w, prev_a = w, a
 
-    lattice = _sample_lattice(model, h_end, g, sites_w)
-    return _to_crystals(g, sites_w, sites_a, sites_x, lattice, sym.pad)
+    sites_w, sites_a, sites_x = list(W[:steps]), list(A[:steps]), list(X[:steps])
+    lattice = _sample_lattice(model, h_end, g_all, sites_w)
+    return _to_crystals(g_all, sites_w, sites_a, sites_x, lattice, sym.pad)
 
 
 def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
