@@ -37,6 +37,17 @@ def primitive_composition(structure: Structure) -> dict[str, int]:
     return {el.symbol: round(n) for el, n in prim.composition.items()}
 
 
+def _prepare(job: tuple[Structure, int]) -> tuple[dict[str, int], bool]:
+    """A target's primitive-cell composition, and whether some space group can hold it within
+    the model's site limit."""
+    from crystal_gpt.constraints import Planner, feasible_groups, make_request
+
+    structure, max_sites = job
+    comp = primitive_composition(structure)
+    planner = Planner(make_request(composition=comp), max_sites)
+    return comp, bool(feasible_groups(planner, range(1, 231)))
+
+
 def _rms_distances(job: tuple[Structure, list[Structure | None]]) -> list[float]:
     """Normalised RMS distance of each candidate to the target (NaN where no match)."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -137,7 +148,6 @@ def evaluate_csp(
     description: str = "",
 ) -> CSPResult:
     """Sample k structures per target composition and match them against the target."""
-    from crystal_gpt.constraints import Planner, feasible_groups, make_request
     from crystal_gpt.encoding import parallel_map
     from crystal_gpt.representation import decode
     from crystal_gpt.sampling import sample_crystals
@@ -146,11 +156,10 @@ def evaluate_csp(
         raise ValueError("k must be at least 1")
     ids = ids or [str(i) for i in range(len(targets))]
     t0 = time.perf_counter()
-    comps = [primitive_composition(s) for s in targets]
-    feasible = np.zeros(len(targets), dtype=bool)
-    for i, comp in enumerate(comps):
-        planner = Planner(make_request(composition=comp), model.config.max_sites)
-        feasible[i] = bool(feasible_groups(planner, range(1, 231)))
+    jobs = [(s, model.config.max_sites) for s in targets]
+    prepared = parallel_map(_prepare, jobs, workers, len(jobs), "compositions", progress, 16)
+    comps = [comp for comp, _ in prepared]
+    feasible = np.array([ok for _, ok in prepared], dtype=bool)
     t1 = time.perf_counter()
     todo = [i for i in range(len(targets)) if feasible[i]]
     rows = [comps[i] for i in todo for _ in range(k)]
