@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--temperature", type=float, default=1.0)
     cs.add_argument("--top-p", type=float, default=1.0)
     cs.add_argument("--seed", type=int, default=0)
-    cs.add_argument("--workers", type=int, help="processes for matching (default: all cores)")
+    cs.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     cs.add_argument("--device", default="auto")
     cs.add_argument("--out", default="csp_eval", help="output folder (default ./csp_eval)")
     cs.set_defaults(func=cmd_evaluate_csp)
