@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crystal_gpt.symmetry import check_spacegroup, get_tables
+from crystal_gpt.symmetry import check_spacegroup, get_tables, lattice_points
 
 INF = 10**9
 
@@ -148,18 +148,6 @@ def parse_template(spacegroup: int, template: str | Iterable[str]) -> tuple[int,
                 "free coordinate, so it holds one site only"
             )
     return tuple(out)
-
-
-@functools.cache
-def lattice_points(spacegroup: int) -> int:
-    """Lattice points per conventional cell (1 P, 2 A/C/I, 3 R on hexagonal axes, 4 F): pure
-    translations among the general position's operations."""
-    t = get_tables()
-    g = check_spacegroup(spacegroup)
-    w = int(t.num_letters[g]) - 1
-    start = int(t.ops_start[g, w])
-    rot = t.ops_rot[start : start + int(t.multiplicity[g, w])]
-    return int(np.all(np.abs(rot - np.eye(3)) < 1e-9, axis=(1, 2)).sum())
 
 
 # ---------------------------------------------------------------- look-ahead
@@ -329,7 +317,7 @@ class Planner:
         if key in self._moves:
             return self._moves[key]
         remaining, low_w, low_el, k = state
-        mult, dof = _group_letters(g)
+        mult, _ = _group_letters(g)
         left = self.max_sites - k - 1  # sites still free after this one
         can_end = k > 0 and self._sites_needed(g, state) == 0
         allowed: dict[int, tuple[int, ...]] = {}
@@ -338,8 +326,6 @@ class Planner:
         else:
             letters = range(low_w, len(mult))
         for w in letters:
-            if w == low_w and dof[w] == 0 and self.request.template is None and low_el > 0:
-                continue  # cannot happen: a zero-freedom letter moves the lower bound past it
             if self.request.composition is not None:
                 els = []
                 first_el = low_el if w == low_w else 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import zuko
 from torch import Tensor, nn
 
-from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, LATTICE_FREE_PARAMS, get_tables
+from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, LATTICE_FREE_PARAMS, get_tables, lattice_points
 
 NUM_ELEMENTS = 119  # index 0 = no element (end of sequence), 1..118 = atomic number
 LOG_2PI = math.log(2 * math.pi)
@@ -83,13 +83,7 @@ class SymmetryTensors(nn.Module):
         self.register_buffer(
             "crystal_system", torch.as_tensor(t.crystal_system.astype("int64")).clamp(min=0), False
         )
-        # lattice points per conventional cell: pure translations among the general position
-        points = torch.ones(231)
-        for g in range(1, 231):
-            w = int(t.num_letters[g]) - 1
-            start = int(t.ops_start[g, w])
-            rot = t.ops_rot[start : start + int(t.multiplicity[g, w])]
-            points[g] = float((abs(rot - np.eye(3)) < 1e-9).all(axis=(1, 2)).sum())
+        points = torch.tensor([1.0] + [float(lattice_points(g)) for g in range(1, 231)])
         self.register_buffer("lattice_points", points, False)
 
     def project(self, g: Tensor, w: Tensor, x: Tensor) -> Tensor:

@@ -214,11 +214,9 @@ class _Masks:
         self.L = num_letters
         self.moves: list = [None] * len(self.g)
 
-    def letters(self, done: Tensor, device) -> Tensor:
+    def letters(self, device) -> Tensor:
         mask = np.ones((len(self.g), self.L + 1), dtype=bool)
-        for i, finished in enumerate(done.tolist()):
-            if finished:
-                continue
+        for i in range(len(self.g)):
             can_end, allowed = self.planners[i].moves(self.g[i], self.states[i])
             self.moves[i] = allowed
             mask[i] = False
@@ -234,21 +232,17 @@ class _Masks:
         self.states = [self.states[i] for i in pick]
         self.moves = [self.moves[i] for i in pick]
 
-    def elements(self, w: Tensor, done: Tensor, base: Tensor | None, device) -> Tensor | None:
+    def elements(self, w: Tensor, base: Tensor | None, device) -> Tensor | None:
         mask = np.ones((len(self.g), NUM_ELEMENTS), dtype=bool)
-        for i, (wi, finished) in enumerate(zip(w.tolist(), done.tolist(), strict=True)):
-            if not finished and self.moves[i][wi]:
+        for i, wi in enumerate(w.tolist()):
+            if self.moves[i][wi]:
                 mask[i] = False
                 mask[i, list(self.moves[i][wi])] = True
         out = torch.as_tensor(mask, device=device)
         return out if base is None else out & base
 
-    def advance(self, w: Tensor, a: Tensor, done: Tensor, multiplicity: Tensor) -> None:
-        for i, (wi, ai, finished) in enumerate(
-            zip(w.tolist(), a.tolist(), done.tolist(), strict=True)
-        ):
-            if finished:
-                continue
+    def advance(self, w: Tensor, a: Tensor, multiplicity: Tensor) -> None:
+        for i, (wi, ai) in enumerate(zip(w.tolist(), a.tolist(), strict=True)):
             p = self.planners[i]
             g, state = self.g[i], self.states[i]
             m = int(multiplicity[g, wi])
@@ -309,14 +303,13 @@ def _sample_batch(
     for k in range(max_sites + 1):
         n = len(rows)
         first = torch.full((n,), k == 0, device=device)
-        none_done = torch.zeros(n, dtype=torch.bool, device=device)
         w_logits = model.w_logits(h, g, prev_w, first)
         if k == max_sites:  # no room for another site: end
             w_logits = torch.where(
                 torch.arange(w_logits.shape[-1], device=device) == sym.pad, 0.0, float("-inf")
             ).expand_as(w_logits)
         if masks is not None:
-            w_logits = w_logits.masked_fill(~masks.letters(none_done, device), float("-inf"))
+            w_logits = w_logits.masked_fill(~masks.letters(device), float("-inf"))
         w = _sample_logits(w_logits.cpu(), decoding, gen).to(device)
         ends = w == sym.pad
         if bool(ends.any()):
@@ -324,19 +317,19 @@ def _sample_batch(
             keep = ~ends
             if not bool(keep.any()):
                 break
-            rows, h, g, w, prev_w, prev_a, first, none_done = (
-                t[keep] for t in (rows, h, g, w, prev_w, prev_a, first, none_done)
+            rows, h, g, w, prev_w, prev_a, first = (
+                t[keep] for t in (rows, h, g, w, prev_w, prev_a, first)
             )
             for c in caches or ():
                 c["k"], c["v"] = c["k"][keep], c["v"][keep]
             tokens = [t[keep] for t in tokens]
             if masks is not None:
                 masks.keep(keep.tolist())
-        allowed = allowed_a if masks is None else masks.elements(w, none_done, allowed_a, device)
+        allowed = allowed_a if masks is None else masks.elements(w, allowed_a, device)
         a_logits, ctx = model.a_logits(h, g, w, prev_w, prev_a, first, allowed)
         a = _sample_logits(a_logits.cpu(), decoding, gen).to(device)
         if masks is not None:
-            masks.advance(w, a, none_done, sym.multiplicity)
+            masks.advance(w, a, sym.multiplicity)
         x = torch.zeros(len(rows), 3, device=device)
         for j in range(3):
             params = model.x_params(ctx, a, x, j)

@@ -117,6 +117,18 @@ class WyckoffTables:
         return wrap01(np.einsum("kij,j->ki", rot, representative) + trans)
 
 
+@functools.cache
+def lattice_points(spacegroup: int) -> int:
+    """Lattice points per conventional cell (1 P, 2 A/C/I, 3 R on hexagonal axes, 4 F): pure
+    translations among the general position's operations."""
+    t = get_tables()
+    g = check_spacegroup(spacegroup)
+    w = int(t.num_letters[g]) - 1
+    start = int(t.ops_start[g, w])
+    rot = t.ops_rot[start : start + int(t.multiplicity[g, w])]
+    return int(np.all(np.abs(rot - np.eye(3)) < 1e-9, axis=(1, 2)).sum())
+
+
 def wrap01(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
     """Fractional coordinates in [0, 1), with -0.0 and 1 - tiny mapped to exactly 0."""
     y = np.asarray(x, dtype=float) % 1.0

@@ -10,14 +10,13 @@ from crystal_gpt import decode
 from crystal_gpt.constraints import (
     ConstraintError,
     Planner,
-    lattice_points,
     make_request,
     parse_atom_range,
     parse_composition,
     parse_template,
 )
 from crystal_gpt.sampling import sample_crystals
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.symmetry import get_tables, lattice_points
 
 T = get_tables()
 

@@ -62,7 +62,7 @@ def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, cap
 
 def test_bundled_csp_model_needs_and_honours_a_composition(tmp_path, capsys):
     from crystal_gpt.cli import main as cli_main
-    from crystal_gpt.constraints import lattice_points
+    from crystal_gpt.symmetry import lattice_points
 
     model = load_pretrained("mp_20_csp")
     assert model.config.condition_on_composition

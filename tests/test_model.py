@@ -260,9 +260,9 @@ def test_composition_conditioned_model(data):
     P(g | composition), and its sampler needs (and honours) a composition."""
     from dataclasses import replace
 
-    from crystal_gpt.constraints import lattice_points
     from crystal_gpt.representation import decode
     from crystal_gpt.sampling import sample_crystals
+    from crystal_gpt.symmetry import lattice_points
 
     torch.manual_seed(0)
     m = CrystalGPT(replace(TINY, condition_on_composition=True)).eval()
