@@ -39,7 +39,7 @@ from crystal_gpt.representation import (
 )
 from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, get_tables
 
-ENCODER_VERSION = 1
+ENCODER_VERSION = 2  # 2: canonical origin (normaliser cosets, polar axes), symmetrised coordinates
 
 
 def cache_dir() -> Path:

@@ -31,7 +31,10 @@ from crystal_gpt.symmetry import (
 DEFAULT_SYMPREC = 0.01
 # Tried in turn when symmetry analysis fails or gives an inconsistent cell; P1 is the last resort.
 FALLBACK_SYMPRECS = (1e-3, 1e-5)
-_TIE_TOL = 1e-4  # fractional; coordinates closer than this count as equal when ordering
+# Fractional; coordinates closer than this count as equal when ordering. The codec symmetrises
+# coordinates itself, so the same crystal gives the same numbers to ~1e-12 whatever its input
+# cell: the tolerance only absorbs floating-point error.
+_TIE_TOL = 1e-7
 
 
 class EncodingError(ValueError):
@@ -201,7 +204,16 @@ def encode(
         raise ValueError(f"mode must be 'wyckoff' or 'p1', got {mode!r}")
     if not symprec > 0:
         raise ValueError(f"symprec must be positive, got {symprec!r}")
-    cell = _cell_of(structure)
+    _cell_of(structure)
+    # spglib's tolerance decisions depend a little on the basis it is given: a Niggli-reduced
+    # cell makes them a function of the crystal alone (a translated or re-based copy of a
+    # slightly distorted crystal would otherwise land in another group now and then).
+    # The atom order matters to spglib's search for the same reason: sort by element, then
+    # position in that cell.
+    matrix, frac, numbers = _cell_of(structure.get_reduced_structure("niggli"))
+    frac = wrap01(np.round(frac, 8))
+    order = np.lexsort((frac[:, 2], frac[:, 1], frac[:, 0], numbers))
+    cell = (matrix, frac[order], [numbers[i] for i in order])
     reasons = []
     for tol in (symprec, *(t for t in FALLBACK_SYMPRECS if t < symprec)):
         try:
@@ -220,20 +232,60 @@ def encode(
 
 
 def encode_p1(structure: Structure) -> WyckoffCrystal:
-    """Every atom of the Niggli-reduced cell as a general position ('a') of P1."""
+    """Every atom of the Niggli-reduced cell as a general position ('a') of P1, origin on an
+    atom of the lightest element (the canonical form of P1)."""
     _cell_of(structure)
     reduced = structure.get_reduced_structure("niggli")
     frac = wrap01(reduced.frac_coords)
-    species = np.array([sp.Z for sp in reduced.species], dtype=np.int16)
-    order = _site_order(np.zeros(len(species), dtype=int), species, frac)
+    types = np.array([sp.Z for sp in reduced.species], dtype=np.int16)
+    matrix = np.asarray(reduced.lattice.matrix, dtype=float)
+    wyckoff, species, coords = canonical_sites(
+        1,
+        frac,
+        types,
+        [np.array([i]) for i in range(len(types))],
+        matrix @ matrix.T,
+        DEFAULT_SYMPREC,
+    )
     return WyckoffCrystal(
         spacegroup=1,
-        wyckoff=np.zeros(len(order), dtype=np.int16),
-        species=species[order],
-        coords=frac[order],
-        lattice=_lattice_parameters(reduced.lattice.matrix),
+        wyckoff=wyckoff,
+        species=species,
+        coords=coords,
+        lattice=_lattice_parameters(matrix),
         symprec=None,
     )
+
+
+def _symmetry_of(cell: tuple, symprec: float):
+    """spglib's dataset, the same whatever the atom order or origin of the input.
+
+    For a crystal distorted close to the tolerance, spglib's answer depends on which atom it
+    starts from (the first of the rarest element). Each atom of the rarest element is tried
+    first in turn and the most symmetric answer is kept (ties: the higher group number), so
+    the result depends on the crystal alone. Returns the dataset and the cell it describes."""
+    matrix, frac, numbers = cell
+    nums = np.asarray(numbers)
+    values, counts = np.unique(nums, return_counts=True)
+    rarest = np.nonzero(nums == values[np.argmin(counts)])[0]
+    best, best_key, best_cell, errors = None, None, None, []
+    for first in rarest:
+        order = np.concatenate([[first], np.delete(np.arange(len(nums)), first)])
+        trial = (matrix, frac[order], [numbers[i] for i in order])
+        try:
+            ds = _spglib_dataset(trial, symprec)
+        except EncodingError as err:
+            errors.append(str(err))
+            continue
+        per_prim = (
+            len(ds.rotations) * max(len(set(ds.mapping_to_primitive.tolist())), 1) / len(nums)
+        )
+        key = (per_prim, int(ds.number))
+        if best_key is None or key > best_key:
+            best, best_key, best_cell = ds, key, trial
+    if best is None:
+        raise EncodingError(errors[0])
+    return best, best_cell
 
 
 def _spglib_dataset(cell: tuple, symprec: float):
@@ -257,65 +309,185 @@ def _spglib_dataset(cell: tuple, symprec: float):
 
 def _encode_cell(cell: tuple, symprec: float) -> WyckoffCrystal:
     tables = get_tables()
-    ds = _spglib_dataset(cell, symprec)
+    ds, cell = _symmetry_of(cell, symprec)
     g = int(ds.number)
     std_lattice = np.asarray(ds.std_lattice, dtype=float)
-    std_pos = np.asarray(ds.std_positions, dtype=float)
     std_types = np.asarray(ds.std_types, dtype=int)
-    # Orbits and letters of the standardised atoms, through the primitive cell both map to.
+    # Orbits of the standardised atoms, through the primitive cell both map to.
     prim_to_input = {int(p): i for i, p in enumerate(ds.mapping_to_primitive)}
     input_of_std = np.array([prim_to_input[int(p)] for p in ds.std_mapping_to_primitive])
+    std_pos = _unsymmetrised_positions(g, ds, cell[1])
     orbit_id = np.asarray(ds.crystallographic_orbits)[input_of_std]
-    spg_letter = np.asarray(ds.wyckoffs)[input_of_std]
-
-    metric = std_lattice @ std_lattice.T
-    n_letters = int(tables.num_letters[g])
-    wyckoff, species, coords = [], [], []
-    for orbit in np.unique(orbit_id):
-        members = np.nonzero(orbit_id == orbit)[0]
-        mult = len(members)
+    orbits = [np.nonzero(orbit_id == o)[0] for o in np.unique(orbit_id)]
+    for members in orbits:
         if len(set(std_types[members].tolist())) != 1:
             raise EncodingError("an orbit mixes elements")
-        # spglib's letter first, then any other position with this multiplicity.
-        candidates = [tables.letter_index(g, str(spg_letter[members[0]]))]
-        candidates += [
-            w for w in range(n_letters) if tables.multiplicity[g, w] == mult and w != candidates[0]
-        ]
-        rep = None
-        for w in candidates:
-            if tables.multiplicity[g, w] != mult:
-                continue
-            rep = _canonical_representative(tables, g, w, std_pos[members], metric, symprec)
-            if rep is not None:
-                break
-        if rep is None:
-            raise EncodingError(
-                f"orbit of {mult} atoms fits no Wyckoff position of space group {g}"
-            )
-        wyckoff.append(w)
-        species.append(int(std_types[members[0]]))
-        coords.append(rep)
-    wyckoff_arr = np.array(wyckoff, dtype=np.int16)
-    species_arr = np.array(species, dtype=np.int16)
-    coords_arr = np.array(coords, dtype=float)
-    order = _site_order(wyckoff_arr, species_arr, coords_arr)
     system = CRYSTAL_SYSTEMS[int(tables.crystal_system[g])]
+    # The input basis through spglib's exact transformation, its metric averaged over the
+    # lattice's point group: spglib's idealised std_lattice depends on the input cell (~1e-3 A).
+    raw = np.linalg.inv(np.asarray(ds.transformation_matrix, dtype=float)).T @ cell[0]
+    metric = np.mean([r.T @ raw @ raw.T @ r for r in _holohedry(g)], axis=0)
+    lengths = np.sqrt(np.diag(metric))
+    cosines = [
+        metric[1, 2] / lengths[1] / lengths[2],
+        metric[0, 2] / lengths[0] / lengths[2],
+        metric[0, 1] / lengths[0] / lengths[1],
+    ]
+    params = np.concatenate([lengths, np.degrees(np.arccos(np.clip(cosines, -1, 1)))])
+    lattice = reduce_lattice_parameters(system, params)
+    ideal = Lattice.from_parameters(*full_lattice_parameters(system, lattice)).matrix
+    if not np.allclose(
+        _lattice_parameters(std_lattice),
+        full_lattice_parameters(system, lattice),
+        rtol=1e-2,
+        atol=0.5,
+    ):
+        raise EncodingError("spglib's standard cell and its transformation disagree")
+    wyckoff, species, coords = canonical_sites(
+        g, std_pos, std_types, orbits, ideal @ ideal.T, symprec
+    )
     return WyckoffCrystal(
         spacegroup=g,
-        wyckoff=wyckoff_arr[order],
-        species=species_arr[order],
-        coords=coords_arr[order],
-        lattice=reduce_lattice_parameters(system, _lattice_parameters(std_lattice)),
+        wyckoff=wyckoff,
+        species=species,
+        coords=coords,
+        lattice=lattice,
         symprec=symprec,
     )
+
+
+@functools.cache
+def _holohedry(g: int) -> np.ndarray:
+    """Rotations of the lattice's point group in group g's conventional basis."""
+    from crystal_gpt.symmetry import _HOLOHEDRY_GROUP
+
+    tables = get_tables()
+    family = (
+        166 if tables.symbol[g].startswith("R") else _HOLOHEDRY_GROUP[int(tables.crystal_system[g])]
+    )
+    rot, _ = tables.orbit_ops(family, int(tables.num_letters[family]) - 1)
+    return np.unique(np.rint(rot).astype(int), axis=0).astype(float)
+
+
+def _unsymmetrised_positions(g: int, ds, frac: np.ndarray) -> np.ndarray:
+    """The input atoms in spglib's standard cell by its exact affine map, before any averaging.
+
+    spglib's own ``std_positions`` are symmetrised along a path that depends on the input cell
+    (differences up to ~1e-4 for a translated copy of the same CIF); the codec symmetrises
+    itself (``_canonical_representative``), the same way whatever the input's basis or origin.
+    """
+    tables = get_tables()
+    rot, trans = tables.orbit_ops(g, int(tables.num_letters[g]) - 1)
+    centring = trans[np.all(np.abs(rot - np.eye(3)) < 1e-9, axis=(1, 2))]
+    P = np.asarray(ds.transformation_matrix, dtype=float)
+    raw = frac @ P.T + np.asarray(ds.origin_shift, dtype=float)
+    std = np.asarray(ds.std_positions, dtype=float)
+    prim = np.asarray(ds.mapping_to_primitive)
+    out = np.empty_like(std)
+    for j, p in enumerate(np.asarray(ds.std_mapping_to_primitive)):
+        # every input copy of this atom (a pseudo-supercell input has several), aligned to it
+        d = std[j][None, None, :] - raw[prim == p][:, None, :] - centring[None, :, :]
+        d -= np.rint(d)
+        resid = d[np.arange(len(d)), np.argmin(np.abs(d).max(axis=-1), axis=1)]
+        out[j] = std[j] - resid.mean(axis=0)
+    return wrap01(out)
+
+
+def canonical_sites(
+    g: int,
+    positions: np.ndarray,
+    types: np.ndarray,
+    orbits: list[np.ndarray],
+    metric: np.ndarray,
+    symprec: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The canonical form of a crystal given in the standard setting of group g.
+
+    One crystal has several descriptions in that setting: the origin can move to any coset of
+    the group in its Euclidean normaliser (e.g. NaCl with Na at 4a or at 4b of Fm-3m, or the
+    inverted structure), and freely along polar axes. The canonical form is the smallest
+    sequence (letters, then atomic numbers, then coordinates, compared with a tolerance) over
+    all those descriptions; along polar axes the origin sits on an atom of the smallest
+    (letter, element) class. Within a description, each site is the orbit member on the
+    position's first operation with the smallest free coordinates, in ``site_order``.
+    Returns (letters, atomic numbers, coordinates) in sequence order.
+    """
+    tables = get_tables()
+    polar = tables.polar[g]
+    best = None
+    for R, t in zip(*tables.normaliser(g), strict=True):
+        pos = wrap01(positions @ R.T + t)
+        letters = _orbit_letters(tables, g, pos, orbits, metric, symprec)
+        if letters is None:
+            continue
+        if polar.any():
+            lowest = min(zip(letters, (int(types[m[0]]) for m in orbits), strict=True))
+            anchors = np.concatenate(
+                [m for w, m in zip(letters, orbits, strict=True) if (w, int(types[m[0]])) == lowest]
+            )
+            shifts = [pos - pos[i] * polar for i in anchors]
+        else:
+            shifts = [pos]
+        for p in shifts:
+            cand = _sites(tables, g, wrap01(p), types, orbits, letters, metric, symprec)
+            if cand is not None and (best is None or _precedes(cand, best)):
+                best = cand
+    if best is None:
+        raise EncodingError(f"the atoms fit no set of Wyckoff positions of space group {g}")
+    return best
+
+
+def _orbit_letters(tables, g, pos, orbits, metric, symprec) -> list[int] | None:
+    """The Wyckoff position of each orbit: the one of its multiplicity its atoms lie on."""
+    out = []
+    for members in orbits:
+        mult = len(members)
+        for w in range(int(tables.num_letters[g])):
+            if tables.multiplicity[g, w] != mult:
+                continue
+            if _canonical_representative(tables, g, w, pos[members], metric, symprec) is not None:
+                out.append(w)
+                break
+        else:
+            return None
+    return out
+
+
+def _sites(tables, g, pos, types, orbits, letters, metric, symprec):
+    reps = []
+    for w, members in zip(letters, orbits, strict=True):
+        rep = _canonical_representative(tables, g, w, pos[members], metric, symprec)
+        if rep is None:
+            return None
+        reps.append(rep)
+    wyckoff = np.array(letters, dtype=np.int16)
+    species = np.array([types[m[0]] for m in orbits], dtype=np.int16)
+    coords = np.array(reps, dtype=float).reshape(-1, 3)
+    order = site_order(wyckoff, species, coords)
+    return wyckoff[order], species[order], coords[order]
+
+
+def _precedes(a: tuple, b: tuple) -> bool:
+    """Is site sequence a strictly before b (letters, elements, then coordinates within tol)?"""
+    for x, y in ((a[0], b[0]), (a[1], b[1])):
+        if len(x) != len(y):
+            return len(x) < len(y)
+        diff = np.nonzero(x != y)[0]
+        if diff.size:
+            return bool(x[diff[0]] < y[diff[0]])
+    ca, cb = a[2].ravel(), b[2].ravel()
+    diff = np.nonzero(np.abs(ca - cb) > _TIE_TOL)[0]
+    return bool(diff.size) and bool(ca[diff[0]] < cb[diff[0]])
 
 
 def _canonical_representative(
     tables, g: int, w: int, points: np.ndarray, metric: np.ndarray, symprec: float
 ) -> np.ndarray | None:
-    """The orbit member that lies on position w's first operation with the smallest free coords.
+    """The orbit member that lies on position w's first operation with the smallest free coords,
+    symmetrised: the free coordinates that best fit all the orbit's atoms (least squares in the
+    metric), which also removes a small offset of the origin along non-polar directions.
 
-    Returns the projected (exact) representative, or None when no member lies on the position.
+    Returns None when no member lies on the position or the orbit does not match the atoms.
     """
     projected = tables.project(g, w, points)
     delta = projected - points
@@ -324,22 +496,37 @@ def _canonical_representative(
     on_position = np.nonzero(dist < symprec)[0]
     if on_position.size == 0:
         return None
-    cands = projected[on_position]
-    free = tables.free_mask[g, w]
-    rep = cands[_lexmin(cands[:, free])]
+    rep = projected[on_position[0]]
     # The orbit of the representative must reproduce, one to one, the atoms it stands for.
-    diff = tables.orbit(g, w, rep)[:, None, :] - points[None, :, :]
+    rot, trans = tables.orbit_ops(g, w)
+    images = wrap01(np.einsum("kij,j->ki", rot, rep) + trans)
+    diff = points[None, :, :] - images[:, None, :]
     diff -= np.rint(diff)
-    close = np.einsum("abi,ij,abj->ab", diff, metric, diff) < symprec**2
+    d2 = np.einsum("abi,ij,abj->ab", diff, metric, diff)
+    close = d2 < symprec**2
     if not (close.any(axis=0).all() and close.any(axis=1).all()):
         return None
-    return rep
+    free = tables.free_mask[g, w]
+    if not free.any():
+        return rep
+    nearest = diff[np.arange(len(images)), np.argmin(d2, axis=1)]  # atom - image, per op
+    A = tables.proj_rot[g, w][:, free]  # free parameters -> displacement on the position
+    J = np.einsum("kij,jf->kif", rot, A)  # their effect on each image
+    lhs = np.einsum("kif,ij,kjh->fh", J, metric, J)
+    rhs = np.einsum("kif,ij,kj->f", J, metric, nearest)
+    rep = tables.project(g, w, rep + A @ np.linalg.solve(lhs, rhs))
+    # the symmetrised orbit's members on the first operation; the smallest free coordinates
+    images = wrap01(np.einsum("kij,j->ki", rot, rep) + trans)
+    on = tables.project(g, w, images) - images
+    on -= np.rint(on)
+    cands = images[np.all(np.abs(on) < 1e-9, axis=1)]
+    return tables.project(g, w, cands[_lexmin(cands[:, free])])
 
 
 def _lexmin(keys: np.ndarray, tol: float = _TIE_TOL) -> int:
     """Row with the lexicographically smallest key, values within tol counted as equal.
 
-    The tolerance keeps the choice stable against spglib's symmetrisation noise (1e-7 level).
+    The tolerance absorbs floating-point error only (coordinates are symmetrised first).
     """
     alive = np.arange(len(keys))
     for col in keys.T:
@@ -350,7 +537,7 @@ def _lexmin(keys: np.ndarray, tol: float = _TIE_TOL) -> int:
     return int(alive[0])
 
 
-def _site_order(wyckoff: np.ndarray, species: np.ndarray, coords: np.ndarray) -> np.ndarray:
+def site_order(wyckoff: np.ndarray, species: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Letter first ('a' first), then atomic number, then coordinates (with a tolerance)."""
 
     def compare(i: int, j: int) -> int:

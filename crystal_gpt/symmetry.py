@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 NUM_SPACEGROUPS = 230
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 CRYSTAL_SYSTEMS = (
     "triclinic",
@@ -81,6 +81,14 @@ class WyckoffTables:
     hall_number: np.ndarray  # (231,) int: spglib Hall number of the setting used
     symbol: np.ndarray  # (231,) <U12: Hermann-Mauguin symbol
     crystal_system: np.ndarray  # (231,) int: index into CRYSTAL_SYSTEMS
+    # Euclidean normaliser: coset representatives (R, t) of the group in its normaliser for the
+    # generic metric of its crystal system (rows norm_start[g] : norm_start[g] + norm_count[g]),
+    # translations along polar directions left out: those are continuous (``polar``).
+    norm_start: np.ndarray  # (231,) int
+    norm_count: np.ndarray  # (231,) int
+    norm_rot: np.ndarray  # (M, 3, 3) int8
+    norm_trans: np.ndarray  # (M, 3)
+    polar: np.ndarray  # (231, 3) bool: axes along which any origin shift keeps the group
 
     @property
     def max_letters(self) -> int:
@@ -110,6 +118,13 @@ class WyckoffTables:
         """
         p = np.asarray(points, dtype=float)
         return wrap01(p @ self.proj_rot[spacegroup, w].T + self.proj_trans[spacegroup, w])
+
+    def normaliser(self, spacegroup: int) -> tuple[np.ndarray, np.ndarray]:
+        """(R, t) of the origin/orientation changes that keep the group and the lattice: the
+        equivalent descriptions of one crystal between which the canonical form chooses."""
+        start = self.norm_start[spacegroup]
+        stop = start + self.norm_count[spacegroup]
+        return self.norm_rot[start:stop].astype(float), self.norm_trans[start:stop]
 
     def orbit(self, spacegroup: int, w: int, representative: np.ndarray) -> np.ndarray:
         """All ``multiplicity`` images of a representative in the conventional cell, in [0, 1)."""
@@ -188,6 +203,69 @@ def _matching_hall(group_ops: list, candidates: list[int]) -> int:
     )
 
 
+# A group of each crystal family whose rotations are the lattice's full point group (holohedry)
+# in the conventional basis of our settings: the isometries available for a generic metric.
+_HOLOHEDRY_GROUP = {0: 2, 1: 10, 2: 47, 3: 123, 4: 191, 5: 191, 6: 221}
+_GRID = 24  # normaliser translations are multiples of 1/2, 1/3, 1/4, 1/6 or 1/8
+
+
+def _polar_axes(rots: np.ndarray) -> np.ndarray:
+    """Axes fixed by every rotation of the group: origin shifts along them are free."""
+    return np.all(np.abs(rots - np.eye(3)).sum(axis=1) < 1e-9, axis=0)
+
+
+def _normaliser_cosets(rots: np.ndarray, trans: np.ndarray, holohedry: np.ndarray) -> tuple:
+    """Coset representatives of the group (rots, trans) in its Euclidean normaliser.
+
+    Brute force: for each lattice isometry R that maps the group's rotations onto themselves,
+    every translation on a 1/24 grid for which (R, t) conjugates each operation into the group.
+    Polar components of t are dropped (continuous), and elements differing by a group operation
+    (or a polar shift) are merged."""
+    polar = _polar_axes(rots)
+    rot_keys = {tuple(np.rint(r).astype(int).ravel()) for r in rots}
+    by_rot: dict[tuple, list[np.ndarray]] = {}
+    for r, t in zip(rots, trans, strict=True):
+        by_rot.setdefault(tuple(np.rint(r).astype(int).ravel()), []).append(t % 1.0)
+    grid = np.stack(np.meshgrid(*[np.arange(_GRID) / _GRID] * 3, indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.all(grid[:, polar] == 0, axis=1)]
+    found = []
+    for R in holohedry:
+        Rinv = np.rint(np.linalg.inv(R))
+        conj = [np.rint(R @ W @ Rinv) for W in rots]
+        if any(tuple(c.astype(int).ravel()) not in rot_keys for c in conj):
+            continue
+        cand = grid
+        for w, Wc in zip(trans, conj, strict=True):
+            img = (R @ w)[None, :] + cand @ (np.eye(3) - Wc).T  # translation of n g n^-1
+            targets = np.array(by_rot[tuple(Wc.astype(int).ravel())])
+            d = img[:, None, :] - targets[None, :, :]
+            d -= np.rint(d)
+            cand = cand[np.any(np.all(np.abs(d) < 1e-6, axis=-1), axis=1)]
+            if len(cand) == 0:
+                break
+        found.extend((R, t) for t in cand)
+
+    def in_group(R: np.ndarray, t: np.ndarray) -> bool:
+        key = tuple(np.rint(R).astype(int).ravel())
+        for w in by_rot.get(key, []):
+            d = (t - w) % 1.0
+            d = np.minimum(d, 1 - d)
+            if np.all(d[~polar] < 1e-6):
+                return True
+        return False
+
+    reps: list[tuple[np.ndarray, np.ndarray]] = []
+    for R, t in found:  # n ~ m iff m^-1 n is in the group (up to a polar shift)
+        if not any(
+            in_group(np.linalg.inv(Rm) @ R, np.linalg.inv(Rm) @ (t - tm)) for Rm, tm in reps
+        ):
+            reps.append((R, t))
+    # the group's own coset as the identity, first: the encoder's first candidate is spglib's cell
+    reps = [(np.eye(3), np.zeros(3)) if in_group(R, t) else (R, t) for R, t in reps]
+    reps.sort(key=lambda n: (not np.allclose(n[0], np.eye(3)), tuple(n[1])))
+    return polar, reps
+
+
 def build_tables() -> WyckoffTables:
     """Derive the tables from pyxtal and spglib (the shipped .npz is this function's output)."""
     from pyxtal.symmetry import Group
@@ -250,7 +328,39 @@ def build_tables() -> WyckoffTables:
         hall_number=hall_number,
         symbol=symbol,
         crystal_system=crystal_system,
+        **_normaliser_tables(rots, transl, ops_start, multiplicity, num_letters, crystal_system),
     )
+
+
+def _normaliser_tables(rots, transl, ops_start, multiplicity, num_letters, crystal_system):
+    rots_a, trans_a = np.stack(rots), np.stack(transl)
+
+    def general(g: int) -> tuple[np.ndarray, np.ndarray]:
+        w = int(num_letters[g]) - 1
+        s, m = int(ops_start[g, w]), int(multiplicity[g, w])
+        return rots_a[s : s + m], trans_a[s : s + m]
+
+    holo = {}
+    for fam, hg in _HOLOHEDRY_GROUP.items():
+        holo[fam] = np.unique(np.rint(general(hg)[0]).astype(int), axis=0).astype(float)
+    starts = np.zeros(NUM_SPACEGROUPS + 1, dtype=np.int32)
+    counts = np.zeros(NUM_SPACEGROUPS + 1, dtype=np.int32)
+    polar = np.zeros((NUM_SPACEGROUPS + 1, 3), dtype=bool)
+    n_rot: list[np.ndarray] = []
+    n_trans: list[np.ndarray] = []
+    for g in range(1, NUM_SPACEGROUPS + 1):
+        r, t = general(g)
+        polar[g], reps = _normaliser_cosets(r, t, holo[int(crystal_system[g])])
+        starts[g], counts[g] = len(n_rot), len(reps)
+        n_rot.extend(R for R, _ in reps)
+        n_trans.extend(tt for _, tt in reps)
+    return {
+        "norm_start": starts,
+        "norm_count": counts,
+        "norm_rot": np.rint(np.stack(n_rot)).astype(np.int8),
+        "norm_trans": np.stack(n_trans),
+        "polar": polar,
+    }
 
 
 def save_tables(tables: WyckoffTables, path: Path) -> None:
