@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -55,6 +56,26 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class Drawer(Protocol):
+    """How the sampler draws a categorical (temperature, top-p) and a von Mises mixture."""
+
+    def categorical(self, logits: Tensor) -> Tensor: ...
+
+    def von_mises(self, params: Tensor) -> Tensor: ...
+
+
+@dataclass
+class SiteStep:
+    """One site's element and coordinates, their log-probabilities and the distributions."""
+
+    a: Tensor  # (B,) atomic numbers
+    x: Tensor  # (B, 3) coordinates on the Wyckoff position
+    lp_a: Tensor  # (B,)
+    lp_x: Tensor  # (B,) free coordinates only
+    a_logits: Tensor  # (B, 119) masked
+    x_params: Tensor  # (B, 3, 3K) mixture parameters of x, y | x, z | x, y
 
 
 class SymmetryTensors(nn.Module):
@@ -227,6 +248,29 @@ class CrystalGPT(nn.Module):
         # standardisation of the transformed lattice parameters, set from training data
         self.register_buffer("lat_mean", torch.zeros(7, 6))
         self.register_buffer("lat_std", torch.ones(7, 6))
+        # what the training data covered (set by training): the sampler stays inside it unless
+        # told otherwise; defaults (all elements, any size) for checkpoints that predate them
+        self.register_buffer("seen_elements", torch.ones(NUM_ELEMENTS, dtype=torch.bool))
+        self.register_buffer("atoms_range", torch.tensor([1, 10**6]))  # per primitive cell
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        """load_state_dict that accepts checkpoints written before the training-range buffers."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = set(missing) - {"seen_elements", "atoms_range"}
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not fit the model: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+
+    def set_training_range(self, species: np.ndarray, g: np.ndarray, num_atoms: np.ndarray) -> None:
+        """Record the elements and atoms per primitive cell of the training crystals."""
+        seen = torch.zeros(NUM_ELEMENTS, dtype=torch.bool)
+        seen[torch.as_tensor(np.unique(species).astype(np.int64))] = True
+        seen[0] = False
+        per_prim = np.asarray(num_atoms) / self.sym.lattice_points[torch.as_tensor(g)].cpu().numpy()
+        self.seen_elements.copy_(seen)
+        self.atoms_range.copy_(torch.tensor([int(per_prim.min()), int(per_prim.max())]))
 
     # ---------------------------------------------------------------- embeddings
     def _gw_index(self, g: Tensor, w: Tensor) -> Tensor:
@@ -338,6 +382,49 @@ class CrystalGPT(nn.Module):
             inp = torch.cat([inp, fourier(x_prev[..., :j], self.config.fourier_freqs)], dim=-1)
         return self.head_x[j](inp)
 
+    def site_content(
+        self,
+        h: Tensor,
+        g: Tensor,
+        w: Tensor,
+        prev_w: Tensor,
+        prev_a: Tensor,
+        first: Tensor,
+        *,
+        a: Tensor | None = None,
+        x: Tensor | None = None,
+        allowed: Tensor | None = None,
+        draw: Drawer | None = None,
+    ) -> SiteStep:
+        """The element and coordinates of a site whose letter is w: the one site step that
+        teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
+
+        Coordinates go x, then y | x, then z | x, y; only free ones are drawn, and the drawn
+        vector is projected onto the Wyckoff position after each draw, so every head sees the
+        exact earlier coordinates (fixed and tied ones included), as in training.
+        """
+        a_logits, ctx = self.a_logits(h, g, w, prev_w, prev_a, first, allowed)
+        if a is None:
+            if draw is None:
+                raise ValueError("site_content needs either a and x or a drawer")
+            a = draw.categorical(a_logits)
+        lp_a = F.log_softmax(a_logits, -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        free = self.sym.free_mask[g, w]
+        sampling = x is None
+        if sampling:
+            x = self.sym.project(g, w, torch.zeros(len(g), 3, device=h.device))
+        lp_x = torch.zeros_like(lp_a)
+        params = []
+        for j in range(3):
+            p = self.x_params(ctx, a, x, j)
+            params.append(p)
+            if sampling and bool(free[:, j].any()):
+                x = x.clone()
+                x[free[:, j], j] = draw.von_mises(p[free[:, j]])
+                x = self.sym.project(g, w, x)
+            lp_x = lp_x + torch.where(free[:, j], von_mises_mixture_logpdf(x[:, j], p), 0.0)
+        return SiteStep(a, x, lp_a, lp_x, a_logits, torch.stack(params, 1))
+
     def lattice_context(self, h_last: Tensor, g: Tensor) -> Tensor:
         return self.lattice_ctx(torch.cat([h_last, self.emb_g(g)], dim=-1))
 
@@ -365,17 +452,36 @@ class CrystalGPT(nn.Module):
                 out[sel] = flow(ctx[sel]).log_prob(zs)
         return out + logdet
 
+    def lattice_noise(self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor) -> Tensor:
+        """The lattice through its flow: (B, 6) base-space values, zero-padded past the system's
+        free parameters; independent standard normals when the lattice follows the model."""
+        z, _ = self.lattice_transform(lattice, g, num_atoms)
+        system = self.sym.crystal_system[g]
+        dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[system]
+        out = torch.zeros(len(g), 6, device=g.device)
+        for n, flow in self.flows.items():
+            sel = dims == int(n)
+            if sel.any():
+                zs = _pack_used(z[sel], system[sel], int(n))
+                out[sel, : int(n)] = flow(ctx[sel]).transform(zs)
+        return out
+
     # ---------------------------------------------------------------- likelihood
     def forward(
         self,
         batch: dict[str, Tensor],
         conditions: dict[str, Tensor] | None = None,
         per_step: bool = False,
+        distributions: bool = False,
     ) -> dict[str, Tensor]:
         """Exact log-likelihood per crystal and per part (g, W, A, X, L), in nats.
 
         ``per_step=True`` adds ``W_steps``, ``A_steps``, ``X_steps`` (B, T+1): the terms of each
         predicted site (the last valid step is the end of the sequence).
+        ``distributions=True`` adds the conditionals themselves, for calibration tests:
+        ``w_logits`` (B, T+1, L+1), and per real site in (crystal, site) order ``a_logits``,
+        ``x_params`` (3 heads) and ``site_crystal``; ``lattice_noise``: the lattice mapped
+        through its flow to the base distribution (standard normal under the model).
         """
         g, w, a, x = batch["g"], batch["w"], batch["a"], batch["x"]
         n = batch["n"]
@@ -400,19 +506,23 @@ class CrystalGPT(nn.Module):
         first = (steps == 0).unsqueeze(0).expand(B, -1)
         gb = g.unsqueeze(1).expand(-1, T + 1)
 
-        lw = F.log_softmax(self.w_logits(h, gb, prev_w, first), -1)
+        w_logits = self.w_logits(h, gb, prev_w, first)
+        lw = F.log_softmax(w_logits, -1)
         lp_w = lw.gather(-1, w_t.unsqueeze(-1)).squeeze(-1)
         lp_w = torch.where(valid, lp_w, torch.zeros_like(lp_w))
 
         hs, gs, ws = h[is_site], gb[is_site], w_t[is_site]
-        la, ctx = self.a_logits(hs, gs, ws, prev_w[is_site], prev_a[is_site], first[is_site])
-        lp_a = F.log_softmax(la, -1).gather(-1, a_t[is_site].unsqueeze(-1)).squeeze(-1)
-        xs = x_t[is_site]
-        free = self.sym.free_mask[gs, ws]
-        lp_x = torch.zeros_like(lp_a)
-        for j in range(3):
-            params = self.x_params(ctx, a_t[is_site], xs, j)
-            lp_x = lp_x + torch.where(free[:, j], von_mises_mixture_logpdf(xs[:, j], params), 0.0)
+        step = self.site_content(
+            hs,
+            gs,
+            ws,
+            prev_w[is_site],
+            prev_a[is_site],
+            first[is_site],
+            a=a_t[is_site],
+            x=x_t[is_site],
+        )
+        lp_a, lp_x = step.lp_a, step.lp_x
 
         site_of = torch.arange(B, device=g.device).unsqueeze(1).expand(-1, T + 1)[is_site]
         h_last = h[torch.arange(B, device=g.device), n]
@@ -431,6 +541,13 @@ class CrystalGPT(nn.Module):
                 full = torch.zeros(B, T + 1, device=g.device)
                 full[is_site] = val
                 out[key] = full
+        if distributions:
+            out["w_logits"] = w_logits
+            out["a_logits"], out["x_params"] = step.a_logits, step.x_params
+            out["site_crystal"] = site_of
+            out["lattice_noise"] = self.lattice_noise(
+                lat_ctx, batch["lattice"], g, batch["num_atoms"]
+            )
         return out
 
     @torch.no_grad()

@@ -49,7 +49,7 @@ def load_pretrained(
     cfg = state["config"]["model"] if "config" in state else state["model_config"]
     model = CrystalGPT(ModelConfig(**cfg))
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
-    model.load_state_dict(weights)
+    model.load_weights(weights)
     model.meta = state.get("meta", {"file": str(path)})
     return model.to(device).eval()
 

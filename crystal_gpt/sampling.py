@@ -48,6 +48,21 @@ def _sample_logits(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+class _Drawer:
+    """Draws for ``CrystalGPT.site_content``: categoricals with (temperature, top-p) from the
+    seeded generator; von Mises mixtures (component from the generator, angle from torch's
+    seeded global RNG)."""
+
+    def __init__(self, decoding: tuple[float, float], gen: torch.Generator) -> None:
+        self.decoding, self.gen = decoding, gen
+
+    def categorical(self, logits: Tensor) -> Tensor:
+        return _sample_logits(logits.cpu(), self.decoding, self.gen).to(logits.device)
+
+    def von_mises(self, params: Tensor) -> Tensor:
+        return von_mises_mixture_sample(params.cpu(), self.gen).to(params.device)
+
+
 def spacegroup_mask(spacegroups: int | Iterable[int] | None, device) -> Tensor:
     """Allowed space groups as a (231,) bool mask (index 0 never allowed)."""
     mask = torch.zeros(231, dtype=torch.bool, device=device)
@@ -268,6 +283,7 @@ def _sample_batch(
 ) -> list[WyckoffCrystal]:
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it."""
     sym = model.sym
+    drawer = _Drawer(decoding, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
     counts = None
     if plans is not None:
@@ -326,15 +342,10 @@ def _sample_batch(
             if masks is not None:
                 masks.keep(keep.tolist())
         allowed = allowed_a if masks is None else masks.elements(w, allowed_a, device)
-        a_logits, ctx = model.a_logits(h, g, w, prev_w, prev_a, first, allowed)
-        a = _sample_logits(a_logits.cpu(), decoding, gen).to(device)
+        step = model.site_content(h, g, w, prev_w, prev_a, first, allowed=allowed, draw=drawer)
+        a, x = step.a, step.x
         if masks is not None:
             masks.advance(w, a, sym.multiplicity)
-        x = torch.zeros(len(rows), 3, device=device)
-        for j in range(3):
-            params = model.x_params(ctx, a, x, j)
-            x[:, j] = von_mises_mixture_sample(params.cpu(), gen).to(device)
-        x = model.sym.project(g, w, x)
         W[k, rows], A[k, rows], X[k, rows] = w, a, x
         steps = k + 1
         emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))

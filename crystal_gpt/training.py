@@ -195,7 +195,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> C
         raise FileNotFoundError(f"no checkpoint at {p}")
     state = torch.load(p, map_location=device, weights_only=False)
     model = CrystalGPT(ModelConfig(**state["config"]["model"]))
-    model.load_state_dict(state["model"])
+    model.load_weights(state["model"])
     return model.to(device).eval()
 
 
@@ -256,6 +256,7 @@ def train(
     mean, std = lattice_statistics(train_set)
     model.lat_mean.copy_(mean)
     model.lat_std.copy_(std)
+    model.set_training_range(train_data.species, train_set.g, train_set.num_atoms)
     with torch.no_grad():
         model.g_prior.copy_(spacegroup_prior(train_set.g))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
