@@ -231,6 +231,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         formula_units=args.formula_units,
         num_atoms=args.num_atoms,
         wyckoff_template=args.wyckoff_template,
+        chemsys=args.chemsys,
+        allow_unseen=args.allow_unseen,
         progress=args.n >= 2000,
     )
     structures = [decode(c) for c in crystals]
@@ -241,11 +243,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loglik = {k: lp[k].cpu().tolist() for k in ("total", "g", "W", "A", "X", "L")}
     out = write_samples(crystals, structures, args.out, loglik)
     dt = time.perf_counter() - t0
+    redrawn = sum(c.meta.get("redraws", 0) for c in crystals)
     counts = Counter(c.spacegroup for c in crystals)
     top = ", ".join(f"{g}: {k}" for g, k in counts.most_common(5))
     print(
         f"{len(crystals)} crystals in {dt:.1f} s ({len(crystals) / dt:.0f}/s) -> {out}/cif, "
-        f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}"
+        f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}; "
+        f"{redrawn} draws replaced (symmetry higher than sampled, impossible cell, no room)"
     )
     return 0
 
@@ -507,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--spacegroup", help="e.g. 225, Fm-3m, 'cubic', or a list: 194,225")
     sa.add_argument("--elements", help="only these elements, e.g. Li,Fe,P,O")
     sa.add_argument("--exclude-elements", help="never these elements, e.g. Pb,Cd,Hg")
+    sa.add_argument("--chemsys", help="exactly these elements, each present, e.g. Li-Fe-P-O")
+    sa.add_argument(
+        "--allow-unseen",
+        action="store_true",
+        help="also elements and atom counts outside the model's training data (default: "
+        "inside; explicit requests outside it are kept with a warning)",
+    )
     sa.add_argument(
         "--composition",
         help="exact primitive-cell content (structure prediction), e.g. Li4Fe4P4O16, or a "

@@ -19,6 +19,7 @@ SUMMARY_FIELDS = (
     "symbol",
     "wyckoff",
     "num_atoms",
+    "redraws",
     "num_sites",
     "volume",
     "density",
@@ -110,6 +111,7 @@ def write_samples(
                 for site, m in zip(wc.sites, wc.multiplicities, strict=True)
             ),
             "num_atoms": len(s),
+            "redraws": int(wc.meta.get("redraws", 0)),
             "num_sites": wc.num_sites,
             "volume": round(s.volume, 4),
             "density": round(float(s.density), 4),

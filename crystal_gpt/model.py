@@ -599,11 +599,15 @@ class CrystalGPT(nn.Module):
         formula_units: int | None = None,
         num_atoms=None,
         wyckoff_template=None,
+        chemsys=None,
+        allow_unseen: bool = False,
     ) -> list:
         """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
         group (one number or a list); ``elements`` / ``exclude_elements`` restrict atom types;
         ``composition`` (e.g. 'Li4Fe4P4O16', per primitive cell), ``num_atoms`` (N or (low,
-        high)) and ``wyckoff_template`` ('4a 4b') are met exactly (see
+        high)) and ``wyckoff_template`` ('4a 4b') are met exactly; ``chemsys`` ('Li-Fe-P-O')
+        gives exactly those elements, all present; ``allow_unseen`` lifts the default
+        restriction to the training data's elements and sizes (see
         ``sampling.sample_crystals``, which gives the WyckoffCrystals)."""
         from crystal_gpt.representation import decode
         from crystal_gpt.sampling import sample_crystals
@@ -621,6 +625,8 @@ class CrystalGPT(nn.Module):
             formula_units=formula_units,
             num_atoms=num_atoms,
             wyckoff_template=wyckoff_template,
+            chemsys=chemsys,
+            allow_unseen=allow_unseen,
         )
         return [decode(c) for c in crystals]
 

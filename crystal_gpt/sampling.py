@@ -29,7 +29,12 @@ from crystal_gpt.model import (
     lattice_from_features,
     von_mises_mixture_sample,
 )
-from crystal_gpt.representation import WyckoffCrystal, reduce_lattice_parameters
+from crystal_gpt.representation import (
+    DEFAULT_SYMPREC,
+    WyckoffCrystal,
+    decode,
+    reduce_lattice_parameters,
+)
 from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
 
 
@@ -123,6 +128,10 @@ def sample_crystals(
     formula_units: int | None = None,
     num_atoms=None,
     wyckoff_template=None,
+    chemsys: str | Iterable[str] | None = None,
+    allow_unseen: bool = False,
+    symprec: float | None = DEFAULT_SYMPREC,
+    max_redraws: int = 100,
     progress: bool = False,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
@@ -136,7 +145,16 @@ def sample_crystals(
     prediction); ``num_atoms`` (N or (low, high)) bounds the atoms per cell;
     ``wyckoff_template`` ('4a 4b 8c' or letters, one space group) fixes the occupied Wyckoff
     positions, the elements left to the model. Requests that no crystal can meet raise
-    ``ConstraintError`` before sampling."""
+    ``ConstraintError`` before sampling. ``chemsys`` ('Li-Fe-P-O' or a list) asks for exactly
+    those elements, each present: the end of the sequence is masked until all are placed.
+
+    Samples are what was asked for: a crystal whose symmetry by spglib (``symprec``; None: no
+    check) is higher than its sampled group, or whose cell is impossible, is redrawn, as is a
+    chemical system that runs out of room; ``meta['redraws']`` counts the draws each crystal
+    replaced (``max_redraws`` per crystal, then an error). By default only elements seen in
+    the model's training data and atom counts within its training range are sampled;
+    ``allow_unseen=True`` lifts that, and explicit requests outside it are kept with a
+    warning."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
@@ -144,12 +162,35 @@ def sample_crystals(
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
-    allowed_a = element_mask(elements, exclude_elements, device)
     if getattr(model.config, "condition_on_composition", False) and composition is None:
         raise ValueError(
             "this model predicts structures for a given composition: pass composition="
             " (CLI: --composition)"
         )
+    required = None
+    if chemsys is not None:
+        if elements is not None or composition is not None:
+            raise ConstraintError(
+                "chemsys fixes the elements: give it without elements/composition"
+            )
+        elements = parse_chemsys(chemsys)
+        if exclude_elements is not None and set(elements) & set(exclude_elements):
+            raise ConstraintError(
+                f"chemsys elements {sorted(set(elements) & set(exclude_elements))} are excluded"
+            )
+        required = element_mask(elements, None, device)
+    allowed_a = element_mask(elements, exclude_elements, device)
+    num_atoms = _training_range(
+        model, allowed_a, elements, composition, num_atoms, wyckoff_template, allow_unseen
+    )
+    if not allow_unseen and elements is None and composition is None:
+        seen = model.seen_elements.to(device)
+        allowed_a = seen if allowed_a is None else allowed_a & seen
+        if not allowed_a.any():
+            raise ConstraintError(
+                "no element the model was trained on is allowed (allow_unseen=True / "
+                "--allow-unseen lifts the training-data restriction)"
+            )
     per_crystal = isinstance(composition, list | tuple)
     if per_crystal and len(composition) != n:
         raise ValueError(f"{len(composition)} compositions given for {n} crystals")
@@ -184,7 +225,9 @@ def sample_crystals(
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
-    out: list[WyckoffCrystal] = []
+    result: list[WyckoffCrystal | None] = [None] * n
+    redraws = np.zeros(n, dtype=int)
+    pending = list(range(n))
     was_training = model.training
     model.eval()
     bar = None
@@ -196,9 +239,10 @@ def sample_crystals(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            while len(out) < n:
-                todo = rows[len(out) : len(out) + batch_size]
-                batch = _sample_batch(
+            while pending:
+                idx = pending[:batch_size]
+                todo = [rows[i] for i in idx]
+                batch, dead = _sample_batch(
                     model,
                     len(todo),
                     spacegroup,
@@ -208,15 +252,115 @@ def sample_crystals(
                     allowed_a,
                     use_cache,
                     todo if todo[0][0] is not None else None,
+                    required,
                 )
-                out.extend(batch)
+                done = 0
+                for i, crystal, stuck in zip(idx, batch, dead, strict=True):
+                    reason = "no room for every element" if stuck else _reject(crystal, symprec)
+                    if reason is None:
+                        crystal.meta["redraws"] = int(redraws[i])
+                        result[i] = crystal
+                        done += 1
+                        continue
+                    redraws[i] += 1
+                    if redraws[i] > max_redraws:
+                        raise ConstraintError(
+                            f"no acceptable crystal after {max_redraws} draws (last: {reason}); "
+                            "the request may be one the model cannot meet"
+                        )
+                pending = [i for i in pending if result[i] is None]
                 if bar is not None:
-                    bar.update(len(batch))
+                    bar.update(done)
         finally:
             model.train(was_training)
             if bar is not None:
                 bar.close()
-    return out
+    return result  # type: ignore[return-value]
+
+
+def parse_chemsys(chemsys: str | Iterable[str]) -> list[str]:
+    """'Li-Fe-P-O' (or a list) -> element symbols, validated."""
+    from pymatgen.core.periodic_table import Element
+
+    parts = chemsys.replace(",", "-").split("-") if isinstance(chemsys, str) else list(chemsys)
+    symbols = [str(p).strip() for p in parts if str(p).strip()]
+    if not symbols:
+        raise ConstraintError(f"empty chemical system {chemsys!r}")
+    for sym in symbols:
+        if not Element.is_valid_symbol(sym):
+            raise ConstraintError(f"unknown element {sym!r} in chemical system {chemsys!r}")
+    if len(set(symbols)) != len(symbols):
+        raise ConstraintError(f"chemical system {chemsys!r} repeats an element")
+    return symbols
+
+
+def _training_range(model, allowed_a, elements, composition, num_atoms, template, allow_unseen):
+    """The atoms-per-cell range to sample in by default (the training data's), and warnings
+    for explicit requests outside what the model has seen."""
+    import warnings
+
+    from pymatgen.core.periodic_table import Element
+
+    seen = model.seen_elements.cpu()
+    low, high = (int(v) for v in model.atoms_range.cpu())
+    asked: set[int] = set()
+    if elements is not None and allowed_a is not None:
+        asked = set(allowed_a.nonzero().flatten().cpu().tolist())
+    if composition is not None and not isinstance(composition, list | tuple):
+        from crystal_gpt.constraints import parse_composition
+
+        asked |= set(parse_composition(composition).keys())
+    unseen = sorted(z for z in asked if not seen[z])
+    if unseen and not seen.all():
+        warnings.warn(
+            "elements not in this model's training data: "
+            + ", ".join(Element.from_Z(z).symbol for z in unseen)
+            + " (sampled as asked; expect poor crystals)",
+            stacklevel=3,
+        )
+    if high >= 10**6 or allow_unseen:
+        return num_atoms
+    if num_atoms is not None:
+        from crystal_gpt.constraints import parse_atom_range
+
+        lo, hi = parse_atom_range(num_atoms)
+        if lo < low or hi > high:
+            warnings.warn(
+                f"atoms per primitive cell {lo}-{hi} reach outside this model's training range "
+                f"{low}-{high}",
+                stacklevel=3,
+            )
+        return num_atoms
+    if composition is None and template is None:
+        return (low, high)
+    return num_atoms
+
+
+def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
+    """Why a sampled crystal is not what was asked for, or None: an impossible cell, or a
+    symmetry (spglib at symprec) other than the sampled group."""
+    import warnings
+
+    import spglib
+
+    try:
+        s = decode(crystal)
+    except ValueError as err:
+        return f"impossible cell: {err}"
+    if symprec is None:
+        return None
+    cell = (s.lattice.matrix, s.frac_coords, [sp.Z for sp in s.species])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            found = spglib.get_symmetry_dataset(cell, symprec=symprec)
+        except spglib.error.SpglibError:
+            found = None
+    if found is None:
+        return "spglib found no symmetry"
+    if int(found.number) != crystal.spacegroup:
+        return f"symmetry {int(found.number)} instead of the sampled {crystal.spacegroup}"
+    return None
 
 
 class _Masks:
@@ -280,8 +424,11 @@ def _sample_batch(
     allowed_a: Tensor | None,
     use_cache: bool = True,
     plans: list[tuple[Planner, list[int]]] | None = None,
-) -> list[WyckoffCrystal]:
-    """``plans``: per crystal, the look-ahead planner and the groups that can meet it."""
+    required: Tensor | None = None,
+) -> tuple[list[WyckoffCrystal], list[bool]]:
+    """``plans``: per crystal, the look-ahead planner and the groups that can meet it;
+    ``required``: elements every crystal must contain (the end is masked until they are).
+    Returns the crystals and, per crystal, whether it reached a dead end (to be redrawn)."""
     sym = model.sym
     drawer = _Drawer(decoding, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
@@ -315,6 +462,8 @@ def _sample_batch(
     W = torch.full((max_sites, B), sym.pad, dtype=torch.long, device=device)
     A = torch.zeros((max_sites, B), dtype=torch.long, device=device)
     X = torch.zeros((max_sites, B, 3), device=device)
+    present = torch.zeros(B, NUM_ELEMENTS, dtype=torch.bool, device=device)
+    dead = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
     for k in range(max_sites + 1):
         n = len(rows)
@@ -326,6 +475,14 @@ def _sample_batch(
             ).expand_as(w_logits)
         if masks is not None:
             w_logits = w_logits.masked_fill(~masks.letters(device), float("-inf"))
+        w_logits = w_logits.clone()
+        if required is not None:
+            missing = (required & ~present[rows]).any(-1)
+            w_logits[missing, sym.pad] = float("-inf")
+        stuck = ~torch.isfinite(w_logits).any(-1)  # nothing legal: end it, redraw it
+        if bool(stuck.any()):
+            dead[rows[stuck]] = True
+            w_logits[stuck, sym.pad] = 0.0
         w = _sample_logits(w_logits.cpu(), decoding, gen).to(device)
         ends = w == sym.pad
         if bool(ends.any()):
@@ -344,6 +501,7 @@ def _sample_batch(
         allowed = allowed_a if masks is None else masks.elements(w, allowed_a, device)
         step = model.site_content(h, g, w, prev_w, prev_a, first, allowed=allowed, draw=drawer)
         a, x = step.a, step.x
+        present[rows, a] = True
         if masks is not None:
             masks.advance(w, a, sym.multiplicity)
         W[k, rows], A[k, rows], X[k, rows] = w, a, x
@@ -358,7 +516,8 @@ def _sample_batch(
 
     sites_w, sites_a, sites_x = list(W[:steps]), list(A[:steps]), list(X[:steps])
     lattice = _sample_lattice(model, h_end, g_all, sites_w)
-    return _to_crystals(g_all, sites_w, sites_a, sites_x, lattice, sym.pad)
+    crystals = _to_crystals(g_all, sites_w, sites_a, sites_x, lattice, sym.pad)
+    return crystals, dead.cpu().tolist()
 
 
 def _sample_lattice(model, h_end, g, sites_w) -> Tensor:

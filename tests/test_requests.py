@@ -1,0 +1,94 @@
+"""Samples are what was asked for: symmetry, cells, elements and sizes within what was seen."""
+
+import copy
+
+import numpy as np
+import pytest
+import spglib
+import torch
+
+import crystal_gpt.sampling as sampling
+from crystal_gpt import decode
+from crystal_gpt.constraints import ConstraintError
+from crystal_gpt.sampling import sample_crystals
+from crystal_gpt.symmetry import lattice_points
+
+
+def spglib_group(crystal) -> int:
+    s = decode(crystal)
+    ds = spglib.get_symmetry_dataset(
+        (s.lattice.matrix, s.frac_coords, [sp.Z for sp in s.species]), symprec=0.01
+    )
+    return int(ds.number)
+
+
+def test_written_symmetry_is_the_sampled_group(model):
+    crystals = sample_crystals(model, 60, spacegroup=225, elements=["Na", "Cl"], seed=0)
+    assert all(spglib_group(c) == 225 for c in crystals)
+    # the untrained model often puts one element on 4a + 4b (simple cubic, Pm-3m): redrawn
+    assert sum(c.meta["redraws"] for c in crystals) > 0
+    # without the check, such crystals do come out
+    raw = sample_crystals(model, 60, spacegroup=225, elements=["Na", "Cl"], seed=0, symprec=None)
+    assert any(spglib_group(c) != 225 for c in raw)
+
+
+def test_impossible_cells_are_redrawn_not_fatal(model, monkeypatch):
+    real = sampling._sample_lattice
+    calls = []
+
+    def broken_first(*args):
+        lat = real(*args)
+        if not calls:
+            lat[0] = torch.tensor([3.0, 3.0, 3.0, 170.0, 170.0, 170.0])  # no such cell
+        calls.append(1)
+        return lat
+
+    monkeypatch.setattr(sampling, "_sample_lattice", broken_first)
+    crystals = sample_crystals(model, 20, spacegroup=[1, 2], seed=0)
+    assert len(crystals) == 20 and crystals[0].meta["redraws"] >= 1
+    for c in crystals:
+        decode(c)
+
+
+@pytest.fixture
+def narrow(model):
+    m = copy.deepcopy(model)
+    m.seen_elements.zero_()
+    m.seen_elements[[3, 8, 26]] = True  # Li, O, Fe
+    m.atoms_range.copy_(torch.tensor([2, 6]))
+    return m
+
+
+def per_cell(c) -> float:
+    return c.num_atoms / lattice_points(c.spacegroup)
+
+
+def test_training_range_by_default(narrow):
+    crystals = sample_crystals(narrow, 40, seed=0)
+    assert {int(z) for c in crystals for z in c.species} <= {3, 8, 26}
+    assert all(2 <= per_cell(c) <= 6 for c in crystals)
+    free = sample_crystals(narrow, 40, seed=0, allow_unseen=True, symprec=None)
+    assert {int(z) for c in free for z in c.species} - {3, 8, 26}
+    assert any(per_cell(c) > 6 or per_cell(c) < 2 for c in free)
+
+
+def test_explicit_requests_outside_the_range_warn(narrow):
+    with pytest.warns(UserWarning, match="not in this model's training data: Na"):
+        crystals = sample_crystals(narrow, 10, seed=0, elements=["Na", "O"])
+    assert any(11 in c.species for c in crystals)
+    with pytest.warns(UserWarning, match="outside this model's training range 2-6"):
+        sample_crystals(narrow, 5, seed=0, num_atoms="8-10")
+
+
+def test_chemsys_gives_exactly_those_elements(model):
+    crystals = sample_crystals(model, 40, chemsys="Li-Fe-O", seed=0)
+    for c in crystals:
+        assert sorted({int(z) for z in c.species}) == [3, 8, 26]
+    # elements= keeps its meaning: allowed, not required
+    loose = sample_crystals(model, 40, elements=["Li", "Fe", "O"], seed=0)
+    assert any(len(set(c.species.tolist())) < 3 for c in loose)
+    with pytest.raises(ConstraintError, match="unknown element 'Xx'"):
+        sample_crystals(model, 1, chemsys="Li-Xx")
+    with pytest.raises(ConstraintError, match="excluded"):
+        sample_crystals(model, 1, chemsys="Li-O", exclude_elements=["O"])
+    assert np.isfinite([per_cell(c) for c in crystals]).all()
