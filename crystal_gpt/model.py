@@ -355,26 +355,6 @@ class CrystalGPT(nn.Module):
         mask = self.sym.letter_mask(g, prev_w, first)
         return self.head_w(h).masked_fill(~mask, float("-inf"))
 
-    def a_logits(
-        self,
-        h: Tensor,
-        g: Tensor,
-        w: Tensor,
-        prev_w: Tensor,
-        prev_a: Tensor,
-        first: Tensor,
-        allowed: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Element logits given the chosen letter; returns (logits, context for X)."""
-        ctx = h + self.out_w(self._gw_index(g, w))
-        z = torch.arange(NUM_ELEMENTS, device=h.device)
-        legal = z > 0
-        same_letter = (~first) & (w == prev_w)
-        legal = legal & ~(same_letter.unsqueeze(-1) & (z < prev_a.unsqueeze(-1)))
-        if allowed is not None:
-            legal = legal & allowed
-        return self.head_a(ctx).masked_fill(~legal, float("-inf")), ctx
-
     def x_params(self, ctx: Tensor, a: Tensor, x_prev: Tensor, j: int) -> Tensor:
         """Mixture parameters of coordinate j given the site context and coordinates < j."""
         inp = ctx + self.out_a(a)
@@ -403,7 +383,14 @@ class CrystalGPT(nn.Module):
         vector is projected onto the Wyckoff position after each draw, so every head sees the
         exact earlier coordinates (fixed and tied ones included), as in training.
         """
-        a_logits, ctx = self.a_logits(h, g, w, prev_w, prev_a, first, allowed)
+        # elements: real ones, non-decreasing along a repeated letter (the canonical order)
+        ctx = h + self.out_w(self._gw_index(g, w))
+        z = torch.arange(NUM_ELEMENTS, device=h.device)
+        same_letter = (~first) & (w == prev_w)
+        legal = (z > 0) & ~(same_letter.unsqueeze(-1) & (z < prev_a.unsqueeze(-1)))
+        if allowed is not None:
+            legal = legal & allowed
+        a_logits = self.head_a(ctx).masked_fill(~legal, float("-inf"))
         if a is None:
             if draw is None:
                 raise ValueError("site_content needs either a and x or a drawer")
@@ -442,29 +429,31 @@ class CrystalGPT(nn.Module):
         return z * used, logdet
 
     def lattice_logprob(self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor) -> Tensor:
-        z, logdet = self.lattice_transform(lattice, g, num_atoms)
-        dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[self.sym.crystal_system[g]]
-        out = torch.zeros(len(g), device=g.device)
-        for n, flow in self.flows.items():
-            sel = dims == int(n)
-            if sel.any():
-                zs = _pack_used(z[sel], self.sym.crystal_system[g][sel], int(n))
-                out[sel] = flow(ctx[sel]).log_prob(zs)
-        return out + logdet
+        return self._through_flows(ctx, lattice, g, num_atoms)[0]
 
     def lattice_noise(self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor) -> Tensor:
         """The lattice through its flow: (B, 6) base-space values, zero-padded past the system's
         free parameters; independent standard normals when the lattice follows the model."""
-        z, _ = self.lattice_transform(lattice, g, num_atoms)
+        return self._through_flows(ctx, lattice, g, num_atoms, noise=True)[1]
+
+    def _through_flows(
+        self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor, noise: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Log density of the lattices (Jacobians included) and, if asked, their base noise."""
+        z, logdet = self.lattice_transform(lattice, g, num_atoms)
         system = self.sym.crystal_system[g]
         dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[system]
-        out = torch.zeros(len(g), 6, device=g.device)
+        lp = torch.zeros(len(g), device=g.device)
+        eps = torch.zeros(len(g), 6, device=g.device)
         for n, flow in self.flows.items():
             sel = dims == int(n)
             if sel.any():
                 zs = _pack_used(z[sel], system[sel], int(n))
-                out[sel, : int(n)] = flow(ctx[sel]).transform(zs)
-        return out
+                dist = flow(ctx[sel])
+                lp[sel] = dist.log_prob(zs)
+                if noise:
+                    eps[sel, : int(n)] = dist.transform(zs)
+        return lp + logdet, eps
 
     # ---------------------------------------------------------------- likelihood
     def forward(

@@ -48,3 +48,26 @@ def random_crystal(
         if crystal.valid:
             return crystal.to_pymatgen()
     raise RuntimeError(f"pyxtal could not build a random crystal in space group {g}")
+
+
+def redescribed(structure: Structure, rng: np.random.Generator, invert: bool = False) -> Structure:
+    """The same crystal described otherwise: a random unimodular change of basis, a random
+    translation, a random atom order and, with ``invert``, its mirror image through the origin
+    (equivalent under the Euclidean normaliser). The canonical encoding must not change."""
+    from pymatgen.core import Lattice
+
+    while True:
+        m = rng.integers(-1, 2, size=(3, 3)) + np.eye(3, dtype=int)
+        if round(abs(np.linalg.det(m))) == 1:
+            break
+    cart = structure.cart_coords + rng.random(3) @ structure.lattice.matrix
+    if invert:
+        cart = -cart
+    order = rng.permutation(len(structure))
+    return Structure(
+        Lattice(m @ structure.lattice.matrix),
+        [structure.species[i] for i in order],
+        cart[order],
+        coords_are_cartesian=True,
+        to_unit_cell=True,
+    )

@@ -7,26 +7,15 @@ from pymatgen.core import Lattice, Structure
 from crystal_gpt.data import load_dataset
 from crystal_gpt.representation import encode
 from crystal_gpt.symmetry import get_tables
+from crystal_gpt.testing import redescribed
 
 T = get_tables()
 
 
 def moved(s: Structure, rng: np.random.Generator, shift=None) -> Structure:
-    """The same crystal in another basis (random unimodular matrix), translated and shuffled."""
-    while True:
-        m = rng.integers(-1, 2, size=(3, 3)) + np.eye(3, dtype=int)
-        if round(abs(np.linalg.det(m))) == 1:
-            break
-    shift = rng.random(3) if shift is None else np.asarray(shift, float)
-    cart = s.cart_coords + shift @ s.lattice.matrix
-    order = rng.permutation(len(s))
-    return Structure(
-        Lattice(m @ s.lattice.matrix),
-        [s.species[i] for i in order],
-        cart[order],
-        coords_are_cartesian=True,
-        to_unit_cell=True,
-    )
+    if shift is None:
+        return redescribed(s, rng, invert=bool(rng.integers(2)))
+    return Structure(s.lattice, s.species, s.frac_coords + np.asarray(shift), to_unit_cell=True)
 
 
 def same(a, b) -> bool:

@@ -89,15 +89,17 @@ def test_categoricals_are_normalised(model, data):
     p = torch.softmax(logits, -1)
     assert torch.allclose(p.sum(-1), torch.ones(16))
     assert (p[~torch.isfinite(logits)] == 0).all()
-    la, _ = model.a_logits(
+    step = model.site_content(
         h,
         g,
         batch["w"][:, 1],
         batch["w"][:, 0],
         batch["a"][:, 0],
         torch.zeros(16, dtype=torch.bool),
+        a=batch["a"][:, 1],
+        x=batch["x"][:, 1],
     )
-    pa = torch.softmax(la, -1)
+    pa = torch.softmax(step.a_logits, -1)
     assert torch.allclose(pa.sum(-1), torch.ones(16)) and (pa[:, 0] == 0).all()
 
 
