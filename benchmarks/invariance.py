@@ -28,7 +28,7 @@ def check(args):
 
     warnings.filterwarnings("ignore")
     from crystal_gpt import load_dataset
-    from crystal_gpt.representation import encode
+    from crystal_gpt.data.codec import encode
     from crystal_gpt.testing import redescribed
 
     records = load_dataset(name, "test")
@@ -61,8 +61,8 @@ def main() -> None:
     import torch
 
     from crystal_gpt import load_dataset
-    from crystal_gpt.batch import PaddedCrystals, crystals_to_encoded
-    from crystal_gpt.pretrained import load_pretrained
+    from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+    from crystal_gpt.model.checkpoints import load_pretrained
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.datasets:

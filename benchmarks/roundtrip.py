@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from crystal_gpt.data import available_files, load_dataset
-from crystal_gpt.roundtrip import check_roundtrips, summarize
+from crystal_gpt.data.datasets import available_files, load_dataset
+from crystal_gpt.data.roundtrip import check_roundtrips, summarize
 
 SPLITS = {
     "perov_5": ["train", "val", "test"],

@@ -19,9 +19,9 @@ import time
 import torch
 
 from crystal_gpt.cli import main as cli_main
-from crystal_gpt.pretrained import load_pretrained
-from crystal_gpt.representation import decode
-from crystal_gpt.sampling import sample_crystals
+from crystal_gpt.data.codec import decode
+from crystal_gpt.model.checkpoints import load_pretrained
+from crystal_gpt.sampling.sampler import sample_crystals
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import torch
 from pymatgen.core import Structure
 
 from crystal_gpt.cli import main as cli_main
-from crystal_gpt.data import load_dataset
-from crystal_gpt.stability import (
+from crystal_gpt.data.datasets import load_dataset
+from crystal_gpt.evaluation.stability import (
     ReferenceHull,
     hull_path,
     load_potential,

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from crystal_gpt import encode_dataset
-from crystal_gpt.batch import PaddedCrystals, bucketed_batches
-from crystal_gpt.model import CrystalGPT, lattice_statistics
+from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
+from crystal_gpt.model.transformer import CrystalGPT, lattice_statistics
 from crystal_gpt.training import load_config
 
 

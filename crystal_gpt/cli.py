@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from crystal_gpt import __version__
-from crystal_gpt.data import DATASETS, DatasetError, available_files, protocol
-from crystal_gpt.encoding import EncodedDataset, cache_dir, encode_dataset
-from crystal_gpt.representation import DEFAULT_SYMPREC
-from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, get_tables
+from crystal_gpt.data.cache import EncodedDataset, cache_dir, encode_dataset
+from crystal_gpt.data.codec import DEFAULT_SYMPREC
+from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
+from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 
 
 def dataset_statistics(ds: EncodedDataset) -> dict:
@@ -149,8 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_nll(args: argparse.Namespace) -> int:
     import torch
 
-    from crystal_gpt.batch import PaddedCrystals
-    from crystal_gpt.pretrained import load_pretrained
+    from crystal_gpt.data.batching import PaddedCrystals
+    from crystal_gpt.model.checkpoints import load_pretrained
     from crystal_gpt.training import evaluate_nll, pick_device
 
     device = pick_device(args.device)
@@ -177,7 +177,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
 def _parse_spacegroups(text: str | None) -> list[int] | None:
     if text is None:
         return None
-    from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, get_tables
+    from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 
     tables = get_tables()
     out: list[int] = []
@@ -201,11 +201,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from crystal_gpt.batch import PaddedCrystals, crystals_to_encoded
-    from crystal_gpt.io import write_samples
-    from crystal_gpt.pretrained import load_pretrained
-    from crystal_gpt.representation import decode
-    from crystal_gpt.sampling import sample_crystals
+    from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+    from crystal_gpt.data.codec import decode
+    from crystal_gpt.model.checkpoints import load_pretrained
+    from crystal_gpt.sampling.output import write_samples
+    from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.training import pick_device
 
     if args.n < 1:
@@ -255,9 +255,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_csp(args: argparse.Namespace) -> int:
-    from crystal_gpt.csp import evaluate_csp
-    from crystal_gpt.data import load_dataset
-    from crystal_gpt.pretrained import load_pretrained
+    from crystal_gpt.data.datasets import load_dataset
+    from crystal_gpt.evaluation.csp import evaluate_csp
+    from crystal_gpt.model.checkpoints import load_pretrained
     from crystal_gpt.training import pick_device
 
     model = load_pretrained(args.model, pick_device(args.device))
@@ -299,7 +299,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """CDVAE metrics, uniqueness, novelty and symmetry statistics of generated crystals."""
     import warnings
 
-    from crystal_gpt.evaluation import build_reference, evaluate
+    from crystal_gpt.evaluation.suite import build_reference, evaluate
 
     warnings.filterwarnings("ignore", module="pymatgen")
     warnings.filterwarnings("ignore", module="matminer")
@@ -338,9 +338,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stability = None
     if args.stability:
         try:
-            from crystal_gpt.stability import evaluate_stability
+            from crystal_gpt.evaluation.stability import evaluate_stability
         except ImportError as err:
-            raise ValueError(f"--stability needs crystal_gpt.stability and chgnet: {err}") from err
+            raise ValueError(
+                f"--stability needs crystal_gpt.evaluation.stability and chgnet: {err}"
+            ) from err
         Path(args.out).mkdir(parents=True, exist_ok=True)
         stability = evaluate_stability(
             ev.structures,
@@ -375,7 +377,7 @@ def cmd_hull(args: argparse.Namespace) -> int:
     import warnings
 
     try:
-        from crystal_gpt.stability import ReferenceHull, hull_path
+        from crystal_gpt.evaluation.stability import ReferenceHull, hull_path
     except ImportError as err:
         print(f"crystal-gpt: error: {err}", file=sys.stderr)
         return 2
@@ -420,7 +422,7 @@ def cmd_hull(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from crystal_gpt.pretrained import list_models
+    from crystal_gpt.model.checkpoints import list_models
 
     for name, meta in list_models().items():
         print(
@@ -611,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--stability",
         action="store_true",
-        help="also relax with CHGNet and compute energies above hull (slow; crystal_gpt.stability)",
+        help="also relax with CHGNet and compute energies above hull (slow; evaluation.stability)",
     )
     ev.add_argument("--workers", type=int, help="processes (default: all cores)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from pymatgen.core import Structure
 
-from crystal_gpt.symmetry import check_spacegroup, get_tables
+from crystal_gpt.data.symmetry import check_spacegroup, get_tables
 
 
 def random_crystal(

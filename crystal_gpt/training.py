@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from crystal_gpt.batch import PaddedCrystals, bucketed_batches
-from crystal_gpt.encoding import EncodedDataset, encode_dataset
-from crystal_gpt.model import (
+from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
+from crystal_gpt.data.cache import EncodedDataset, encode_dataset
+from crystal_gpt.model.transformer import (
     PARTS,
     CrystalGPT,
     ModelConfig,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from crystal_gpt import encode_dataset
-from crystal_gpt.batch import PaddedCrystals
-from crystal_gpt.model import CrystalGPT, lattice_statistics
+from crystal_gpt.data.batching import PaddedCrystals
+from crystal_gpt.model.transformer import CrystalGPT, lattice_statistics
 from crystal_gpt.training import load_config
 
 

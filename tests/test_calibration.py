@@ -14,10 +14,10 @@ import pytest
 import torch
 from scipy import stats
 
-from crystal_gpt.batch import PaddedCrystals, crystals_to_encoded
-from crystal_gpt.model import von_mises_mixture_logpdf
-from crystal_gpt.sampling import sample_crystals
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.model.transformer import von_mises_mixture_logpdf
+from crystal_gpt.sampling.sampler import sample_crystals
 
 T = get_tables()
 N = 500
@@ -132,7 +132,7 @@ def test_pit_detects_a_sampler_that_ignores_fixed_coordinates(sharp):
     x[..., 1] = torch.rand(x.shape[:2], generator=gen)  # what the y head drew: not 1/4
     with torch.no_grad():
         out = sharp({**batch, "x": x}, distributions=True)
-    from crystal_gpt.model import von_mises_mixture_sample
+    from crystal_gpt.model.transformer import von_mises_mixture_sample
 
     z_old = von_mises_mixture_sample(out["x_params"][:, 2], gen)
     batch["x"][..., 2] = z_old.view(batch["x"].shape[:2])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystal_gpt.data import load_dataset
-from crystal_gpt.representation import encode
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.data.codec import encode
+from crystal_gpt.data.datasets import load_dataset
+from crystal_gpt.data.symmetry import get_tables
 from crystal_gpt.testing import redescribed
 
 T = get_tables()

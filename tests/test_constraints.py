@@ -7,7 +7,8 @@ import pytest
 import spglib
 
 from crystal_gpt import decode
-from crystal_gpt.constraints import (
+from crystal_gpt.data.symmetry import get_tables, lattice_points
+from crystal_gpt.sampling.constraints import (
     ConstraintError,
     Planner,
     make_request,
@@ -15,8 +16,7 @@ from crystal_gpt.constraints import (
     parse_composition,
     parse_template,
 )
-from crystal_gpt.sampling import sample_crystals
-from crystal_gpt.symmetry import get_tables, lattice_points
+from crystal_gpt.sampling.sampler import sample_crystals
 
 T = get_tables()
 

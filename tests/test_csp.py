@@ -4,8 +4,13 @@ import math
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
-from crystal_gpt.csp import CSPResult, _rms_distances, evaluate_csp, primitive_composition
-from crystal_gpt.pretrained import load_pretrained
+from crystal_gpt.evaluation.csp import (
+    CSPResult,
+    _rms_distances,
+    evaluate_csp,
+    primitive_composition,
+)
+from crystal_gpt.model.checkpoints import load_pretrained
 
 
 def _rocksalt(a: float = 5.64) -> Structure:
@@ -44,7 +49,7 @@ def test_csp_summary_arithmetic(tmp_path):
 
 def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, capsys):
     from crystal_gpt.cli import main as cli_main
-    from crystal_gpt.data import load_dataset
+    from crystal_gpt.data.datasets import load_dataset
 
     model = load_pretrained("perov_5")
     recs = list(load_dataset("perov_5", "test", limit=6))
@@ -62,7 +67,7 @@ def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, cap
 
 def test_bundled_csp_model_needs_and_honours_a_composition(tmp_path, capsys):
     from crystal_gpt.cli import main as cli_main
-    from crystal_gpt.symmetry import lattice_points
+    from crystal_gpt.data.symmetry import lattice_points
 
     model = load_pretrained("mp_20_csp")
     assert model.config.condition_on_composition

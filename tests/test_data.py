@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from crystal_gpt import DatasetError, load_dataset
-from crystal_gpt.data import (
+from crystal_gpt.data.datasets import (
     available_files,
     holdout_mask,
     protocol,

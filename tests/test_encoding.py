@@ -8,8 +8,8 @@ import pytest
 
 from crystal_gpt import DatasetError, decode, encode, encode_dataset, load_dataset
 from crystal_gpt.cli import main as cli_main
-from crystal_gpt.data import available_files
-from crystal_gpt.encoding import EncodedDataset, cache_dir
+from crystal_gpt.data.cache import EncodedDataset, cache_dir
+from crystal_gpt.data.datasets import available_files
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ pytest.importorskip("smact")
 pytest.importorskip("matminer")
 
 from crystal_gpt import load_dataset
-from crystal_gpt import metrics as M
-from crystal_gpt.evaluation import (
+from crystal_gpt.evaluation import metrics
+from crystal_gpt.evaluation.suite import (
     TrainingSet,
     evaluate,
     featurize,
@@ -45,14 +45,14 @@ def mp20_features(mp20_test_subset):
 
 
 def test_structural_validity_catches_close_atoms_across_the_cell_boundary():
-    assert M.structure_validity(rocksalt())
+    assert metrics.structure_validity(rocksalt())
     close = Structure(Lattice.cubic(6.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])  # 0.3 A
-    assert not M.structure_validity(close)
+    assert not metrics.structure_validity(close)
     wrapped = Structure(Lattice.cubic(10.0), ["Na", "Cl"], [[0.01, 0, 0], [0.99, 0, 0]])  # 0.2 A
-    assert not M.structure_validity(wrapped)
+    assert not metrics.structure_validity(wrapped)
     tiny = Structure(Lattice.cubic(0.4), ["Si"], [[0, 0, 0]])  # 0.064 A^3
-    assert not M.is_constructed(tiny) and not M.structure_validity(tiny)
-    assert M.structure_validity(Structure(Lattice.cubic(2.5), ["Si"], [[0, 0, 0]]))
+    assert not metrics.is_constructed(tiny) and not metrics.structure_validity(tiny)
+    assert metrics.structure_validity(Structure(Lattice.cubic(2.5), ["Si"], [[0, 0, 0]]))
 
 
 # verdicts that follow from the rule's definition (SMACT oxidation states, Pauling test)
@@ -75,9 +75,9 @@ HAND_PICKED = {
 
 
 def test_smact_rule_on_hand_picked_formulas():
-    got = {f: M.smact_validity(f) for f in HAND_PICKED}
+    got = {f: metrics.smact_validity(f) for f in HAND_PICKED}
     assert got == HAND_PICKED
-    assert M.smact_validity("Na2Cl2") is True  # counts are reduced by their gcd first
+    assert metrics.smact_validity("Na2Cl2") is True  # counts are reduced by their gcd first
 
 
 def _cdvae_rule(formula) -> bool:
@@ -104,22 +104,22 @@ def _cdvae_rule(formula) -> bool:
 
 def test_smact_rule_matches_a_literal_reimplementation(mp20_test_subset):
     comps = [r.structure.composition for r in mp20_test_subset][:200]
-    ours = [M.smact_validity(c) for c in comps]
+    ours = [metrics.smact_validity(c) for c in comps]
     assert ours == [_cdvae_rule(c) for c in comps]
 
 
 def test_mp20_subset_is_valid_like_the_published_ceiling(mp20_test_subset):
     structures = mp20_test_subset.structures
-    struct = np.array([M.structure_validity(s) for s in structures])
-    comp = np.array([M.smact_validity(s.composition) for s in structures])
+    struct = np.array([metrics.structure_validity(s) for s in structures])
+    comp = np.array([metrics.smact_validity(s.composition) for s in structures])
     assert struct.all()
     assert 0.80 <= comp.mean() <= 0.97  # MP-20 itself is ~90% valid by this rule
     # property statistics use valid crystals only, so a split against itself is close, not 0
-    idx = M.property_subset(struct & comp, 1000, seed=0)
+    idx = metrics.property_subset(struct & comp, 1000, seed=0)
     density = np.array([s.density for s in structures])
     n_el = np.array([len(s.composition.elements) for s in structures])
-    assert M.wasserstein(density[idx], density) < 0.25
-    assert M.wasserstein(n_el[idx], n_el) < 0.1
+    assert metrics.wasserstein(density[idx], density) < 0.25
+    assert metrics.wasserstein(n_el[idx], n_el) < 0.1
 
 
 # --- a split against itself --------------------------------------------------------------
@@ -129,32 +129,34 @@ def test_split_subset_against_itself(mp20_features):
     f = mp20_features
     assert f.struct_valid.all() and f.fp_ok.all()
     assert f.struct_fp.shape == (30, 61) and f.comp_fp.shape == (30, 132)
-    cov = M.coverage(f.struct_fp, f.comp_fp, f.struct_fp, f.comp_fp, *M.COV_CUTOFFS["mp_20"])
+    cov = metrics.coverage(
+        f.struct_fp, f.comp_fp, f.struct_fp, f.comp_fp, *metrics.COV_CUTOFFS["mp_20"]
+    )
     assert cov["cov_recall"] == 1.0 and cov["cov_precision"] == 1.0
     assert cov["amsd_recall"] == pytest.approx(0.0, abs=1e-9)
-    assert M.wasserstein(f.density, f.density) == 0.0
-    sym = M.symmetry_statistics(f.spacegroup, f.spacegroup)
+    assert metrics.wasserstein(f.density, f.density) == 0.0
+    sym = metrics.symmetry_statistics(f.spacegroup, f.spacegroup)
     assert sym["spacegroup_tvd"] == 0.0 and sym["symmetry_failures"] == 0
 
 
 def test_coverage_precision_counts_every_generated_crystal(mp20_features):
     f = mp20_features
-    cov = M.coverage(f.struct_fp[:10], f.comp_fp[:10], f.struct_fp, f.comp_fp, 0.4, 10.0, 20)
+    cov = metrics.coverage(f.struct_fp[:10], f.comp_fp[:10], f.struct_fp, f.comp_fp, 0.4, 10.0, 20)
     assert cov["cov_precision"] == 0.5  # 10 close crystals, 10 more whose fingerprints failed
     assert cov["cov_recall"] < 1.0
 
 
 def test_property_subset_is_seeded_and_valid_only():
     valid = np.arange(3000) % 3 != 0
-    a, b = M.property_subset(valid, 1000, 7), M.property_subset(valid, 1000, 7)
+    a, b = metrics.property_subset(valid, 1000, 7), metrics.property_subset(valid, 1000, 7)
     assert len(a) == 1000 and np.array_equal(a, b) and valid[a].all()
-    assert not np.array_equal(a, M.property_subset(valid, 1000, 8))
+    assert not np.array_equal(a, metrics.property_subset(valid, 1000, 8))
 
 
 def test_symmetry_statistics():
-    sym = M.symmetry_statistics([1, 1, 225, 225], [225, 225, 194, 194])
+    sym = metrics.symmetry_statistics([1, 1, 225, 225], [225, 225, 194, 194])
     assert sym["p1_share"] == 0.5 and sym["spacegroup_tvd"] == pytest.approx(0.5)
-    assert M.symmetry_statistics([2], [3])["spacegroup_tvd"] == 1.0
+    assert metrics.symmetry_statistics([2], [3])["spacegroup_tvd"] == 1.0
 
 
 # --- uniqueness and novelty -----------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_uniqueness_with_duplicates():
     supercell = rocksalt().make_supercell([2, 1, 1])  # the same crystal in a bigger cell
     strained = rocksalt(5.70)  # within the default tolerances
     kcl = rocksalt(6.29, ("K", "Cl"))
-    mask = M.unique_mask([nacl, cscl(), supercell, kcl, strained])
+    mask = metrics.unique_mask([nacl, cscl(), supercell, kcl, strained])
     assert mask.tolist() == [True, True, False, True, False]
 
 
@@ -174,15 +176,15 @@ def test_training_crystals_are_not_novel():
     ts = TrainingSet("mp_20", "train", limit=40, workers=1, progress=False)
     assert len(ts) == 40
     lookup = ts.structures_for({s.composition.reduced_formula for s in train})
-    assert not M.novel_mask(train, lookup).any()
-    assert M.novel_mask([rocksalt(5.0, ("Li", "I"))], lookup).all()
+    assert not metrics.novel_mask(train, lookup).any()
+    assert metrics.novel_mask([rocksalt(5.0, ("Li", "I"))], lookup).all()
 
 
 def test_sun_rates_need_all_three():
     e = [0.0, 0.05, 0.09, math.nan]
     unique = np.array([True, True, True, True])
     novel = np.array([True, False, True, True])
-    r = M.sun_rates(e, unique, novel)
+    r = metrics.sun_rates(e, unique, novel)
     assert r == {"sun_0": 0.25, "sun_0.08": 0.25, "sun_0.1": 0.5}
 
 
@@ -206,8 +208,8 @@ def test_load_structures_reports_bad_files(tmp_path):
 def sample_folder(tmp_path_factory, mp20_test_subset):
     """A `crystal-gpt sample`-style folder (summary.csv, cif/, samples.extxyz) of 8 crystals,
     the last one with two atoms 0.3 A apart."""
-    from crystal_gpt.io import write_samples
-    from crystal_gpt.representation import decode, encode
+    from crystal_gpt.data.codec import decode, encode
+    from crystal_gpt.sampling.output import write_samples
 
     crystals = [encode(s) for s in mp20_test_subset.structures[100:107]]
     crystals.append(encode(Structure(Lattice.cubic(6.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])))

@@ -3,7 +3,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
 from crystal_gpt import decode, encode
-from crystal_gpt.io import wyckoff_cif
+from crystal_gpt.sampling.output import wyckoff_cif
 from crystal_gpt.testing import random_crystal
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from crystal_gpt import encode_dataset
-from crystal_gpt.batch import PaddedCrystals, bucketed_batches
-from crystal_gpt.model import (
+from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
+from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.model.transformer import (
     LATTICE_DIMS,
     CrystalGPT,
     ModelConfig,
@@ -16,7 +17,6 @@ from crystal_gpt.model import (
     lattice_statistics,
     von_mises_mixture_logpdf,
 )
-from crystal_gpt.symmetry import get_tables
 from crystal_gpt.training import load_config
 
 TINY = load_config("tiny").model
@@ -231,7 +231,7 @@ def test_every_vendored_crystal_has_finite_likelihood(model, name, split):
 
 
 def test_spacegroup_prior_is_the_smoothed_histogram():
-    from crystal_gpt.model import spacegroup_prior
+    from crystal_gpt.model.transformer import spacegroup_prior
 
     logp = spacegroup_prior(np.array([225, 225, 225, 1]), smoothing=0.5)
     p = logp[1:].exp()
@@ -262,9 +262,9 @@ def test_composition_conditioned_model(data):
     P(g | composition), and its sampler needs (and honours) a composition."""
     from dataclasses import replace
 
-    from crystal_gpt.representation import decode
-    from crystal_gpt.sampling import sample_crystals
-    from crystal_gpt.symmetry import lattice_points
+    from crystal_gpt.data.codec import decode
+    from crystal_gpt.data.symmetry import lattice_points
+    from crystal_gpt.sampling.sampler import sample_crystals
 
     torch.manual_seed(0)
     m = CrystalGPT(replace(TINY, condition_on_composition=True)).eval()

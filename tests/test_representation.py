@@ -5,8 +5,8 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
 from crystal_gpt import EncodingError, WyckoffCrystal, decode, encode, load_dataset
-from crystal_gpt.roundtrip import check_roundtrips, summarize
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.data.roundtrip import check_roundtrips, summarize
+from crystal_gpt.data.symmetry import get_tables
 from crystal_gpt.testing import random_crystal
 
 T = get_tables()
@@ -170,7 +170,7 @@ def test_fallback_is_reported(monkeypatch):
     assert "spglib could not determine" in wc.meta["fallback"] and wc.symprec == 1e-5
     assert StructureMatcher().fit(decode(wc), s)
 
-    import crystal_gpt.representation as rep
+    import crystal_gpt.data.codec as rep
 
     def broken(cell, symprec):
         raise EncodingError("simulated failure")

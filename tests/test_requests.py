@@ -7,11 +7,11 @@ import pytest
 import spglib
 import torch
 
-import crystal_gpt.sampling as sampling
+import crystal_gpt.sampling.sampler as sampler
 from crystal_gpt import decode
-from crystal_gpt.constraints import ConstraintError
-from crystal_gpt.sampling import sample_crystals
-from crystal_gpt.symmetry import lattice_points
+from crystal_gpt.data.symmetry import lattice_points
+from crystal_gpt.sampling.constraints import ConstraintError
+from crystal_gpt.sampling.sampler import sample_crystals
 
 
 def spglib_group(crystal) -> int:
@@ -33,7 +33,7 @@ def test_written_symmetry_is_the_sampled_group(model):
 
 
 def test_impossible_cells_are_redrawn_not_fatal(model, monkeypatch):
-    real = sampling._sample_lattice
+    real = sampler._sample_lattice
     calls = []
 
     def broken_first(*args):
@@ -43,7 +43,7 @@ def test_impossible_cells_are_redrawn_not_fatal(model, monkeypatch):
         calls.append(1)
         return lat
 
-    monkeypatch.setattr(sampling, "_sample_lattice", broken_first)
+    monkeypatch.setattr(sampler, "_sample_lattice", broken_first)
     crystals = sample_crystals(model, 20, spacegroup=[1, 2], seed=0)
     assert len(crystals) == 20 and crystals[0].meta["redraws"] >= 1
     for c in crystals:

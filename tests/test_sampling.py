@@ -4,10 +4,10 @@ import spglib
 import torch
 
 from crystal_gpt import decode
-from crystal_gpt.batch import PaddedCrystals, crystals_to_encoded
-from crystal_gpt.model import CrystalGPT
-from crystal_gpt.sampling import sample_crystals
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.model.transformer import CrystalGPT
+from crystal_gpt.sampling.sampler import sample_crystals
 
 T = get_tables()
 
@@ -104,7 +104,7 @@ def test_cache_and_full_recompute_sample_the_same(model):
 
 
 def test_top_p_keeps_the_nucleus():
-    from crystal_gpt.sampling import _sample_logits
+    from crystal_gpt.sampling.sampler import _sample_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
     gen = torch.Generator().manual_seed(0)

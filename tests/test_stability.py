@@ -12,8 +12,8 @@ from pymatgen.core import Lattice, Structure
 
 pytest.importorskip("chgnet", reason="needs the eval extra: pip install 'crystal-gpt[eval]'")
 
-from crystal_gpt import stability
-from crystal_gpt.stability import (
+from crystal_gpt.evaluation import stability
+from crystal_gpt.evaluation.stability import (
     ReferenceHull,
     displacement_rmsd,
     evaluate_stability,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import spglib
 
-from crystal_gpt.symmetry import (
+from crystal_gpt.data.symmetry import (
     LATTICE_FREE_PARAMS,
     build_tables,
     crystal_system_of,

@@ -20,7 +20,7 @@ os.environ.setdefault("SPGLIB_WARNING", "OFF")
 import spglib
 from pymatgen.core import Element, Lattice, Structure
 
-from crystal_gpt.symmetry import (
+from crystal_gpt.data.symmetry import (
     CRYSTAL_SYSTEMS,
     LATTICE_FREE_PARAMS,
     check_spacegroup,
@@ -359,7 +359,7 @@ def _encode_cell(cell: tuple, symprec: float) -> WyckoffCrystal:
 @functools.cache
 def _holohedry(g: int) -> np.ndarray:
     """Rotations of the lattice's point group in group g's conventional basis."""
-    from crystal_gpt.symmetry import _HOLOHEDRY_GROUP
+    from crystal_gpt.data.symmetry import _HOLOHEDRY_GROUP
 
     tables = get_tables()
     family = (

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crystal_gpt.symmetry import check_spacegroup, get_tables, lattice_points
+from crystal_gpt.data.symmetry import check_spacegroup, get_tables, lattice_points
 
 INF = 10**9
 

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crystal_gpt.constraints import (
-    ConstraintError,
-    Planner,
-    explain_infeasible,
-    feasible_groups,
-    make_request,
+from crystal_gpt.data.codec import (
+    DEFAULT_SYMPREC,
+    WyckoffCrystal,
+    decode,
+    reduce_lattice_parameters,
 )
-from crystal_gpt.model import (
+from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
+from crystal_gpt.model.transformer import (
     LATTICE_DIMS,
     NUM_ELEMENTS,
     CrystalGPT,
@@ -29,13 +29,13 @@ from crystal_gpt.model import (
     lattice_from_features,
     von_mises_mixture_sample,
 )
-from crystal_gpt.representation import (
-    DEFAULT_SYMPREC,
-    WyckoffCrystal,
-    decode,
-    reduce_lattice_parameters,
+from crystal_gpt.sampling.constraints import (
+    ConstraintError,
+    Planner,
+    explain_infeasible,
+    feasible_groups,
+    make_request,
 )
-from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
 
 
 def _sample_logits(
@@ -307,7 +307,7 @@ def _training_range(model, allowed_a, elements, composition, num_atoms, template
     if elements is not None and allowed_a is not None:
         asked = set(allowed_a.nonzero().flatten().cpu().tolist())
     if composition is not None and not isinstance(composition, list | tuple):
-        from crystal_gpt.constraints import parse_composition
+        from crystal_gpt.sampling.constraints import parse_composition
 
         asked |= set(parse_composition(composition).keys())
     unseen = sorted(z for z in asked if not seen[z])
@@ -321,7 +321,7 @@ def _training_range(model, allowed_a, elements, composition, num_atoms, template
     if high >= 10**6 or allow_unseen:
         return num_atoms
     if num_atoms is not None:
-        from crystal_gpt.constraints import parse_atom_range
+        from crystal_gpt.sampling.constraints import parse_atom_range
 
         lo, hi = parse_atom_range(num_atoms)
         if lo < low or hi > high:

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from crystal_gpt.data import (
+from crystal_gpt.data.codec import (
+    DEFAULT_SYMPREC,
+    EncodingError,
+    WyckoffCrystal,
+    encode,
+    reduce_lattice_parameters,
+)
+from crystal_gpt.data.datasets import (
     DATASETS,
     DatasetError,
     RawRow,
@@ -30,14 +37,7 @@ from crystal_gpt.data import (
     read_rows,
     split_sources,
 )
-from crystal_gpt.representation import (
-    DEFAULT_SYMPREC,
-    EncodingError,
-    WyckoffCrystal,
-    encode,
-    reduce_lattice_parameters,
-)
-from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, get_tables
+from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 
 ENCODER_VERSION = 2  # 2: canonical origin (normaliser cosets, polar axes), symmetrised coordinates
 

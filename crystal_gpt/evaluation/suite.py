@@ -32,8 +32,8 @@ import numpy as np
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
-from crystal_gpt import metrics as M
-from crystal_gpt.data import (
+from crystal_gpt.data.cache import cache_dir, parallel_map
+from crystal_gpt.data.datasets import (
     DATASETS,
     DatasetError,
     RawRow,
@@ -42,7 +42,19 @@ from crystal_gpt.data import (
     parse_row,
     split_sources,
 )
-from crystal_gpt.encoding import cache_dir, parallel_map
+from crystal_gpt.evaluation.metrics import (
+    COV_CUTOFFS,
+    coverage,
+    default_matcher,
+    is_constructed,
+    novel_mask,
+    property_subset,
+    smact_validity,
+    structure_validity,
+    symmetry_statistics,
+    unique_mask,
+    wasserstein,
+)
 
 FEATURE_VERSION = 1
 SYMPREC = 0.1  # spglib tolerance for the symmetry statistics (the usual choice for generated sets)
@@ -164,12 +176,12 @@ def crystal_features(structure: Structure, name: str = "", fingerprints: bool = 
     row = dict(id=name, num_atoms=len(structure), fp_error="")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        constructed = M.is_constructed(structure)
+        constructed = is_constructed(structure)
         row["constructed"] = constructed
-        row["struct_valid"] = M.structure_validity(structure)
+        row["struct_valid"] = structure_validity(structure)
         try:
             row["formula"] = structure.composition.reduced_formula
-            row["comp_valid"] = M.smact_validity(structure.composition)
+            row["comp_valid"] = smact_validity(structure.composition)
             row["n_elements"] = len(structure.composition.elements)
         except Exception:  # disordered or dummy species
             row.update(formula=str(structure.composition), comp_valid=False, n_elements=0)
@@ -482,7 +494,7 @@ def _read_summary(path: Path, progress: bool) -> LoadedStructures:
 
 
 def _read_csv_cifs(path: Path, progress: bool) -> LoadedStructures:
-    from crystal_gpt.data import read_rows
+    from crystal_gpt.data.datasets import read_rows
 
     out = LoadedStructures([], [], source=str(path))
     for row in tqdm(read_rows(path), desc="reading CSV", disable=not progress, unit="row"):
@@ -559,8 +571,8 @@ class Evaluation:
         self, out_dir: str | os.PathLike, stability: dict | None = None, html: bool = True
     ) -> Path:
         """report.md (+ report.html), metrics.json, crystals.csv and the plots; see
-        :func:`crystal_gpt.report.write_report`."""
-        from crystal_gpt.report import write_report
+        :func:`crystal_gpt.evaluation.report.write_report`."""
+        from crystal_gpt.evaluation.report import write_report
 
         return write_report(self, out_dir, stability=stability, html=html)
 
@@ -639,10 +651,10 @@ def evaluate(
         )
     if cutoffs is not None:
         cutoff_source = "given"
-    elif dataset in M.COV_CUTOFFS:
-        cutoffs, cutoff_source = M.COV_CUTOFFS[dataset], f"CDVAE's for {dataset}"
+    elif dataset in COV_CUTOFFS:
+        cutoffs, cutoff_source = COV_CUTOFFS[dataset], f"CDVAE's for {dataset}"
     else:
-        cutoffs = M.COV_CUTOFFS["mp_20"]
+        cutoffs = COV_CUTOFFS["mp_20"]
         cutoff_source = f"mp_20's (CDVAE publishes none for {dataset})"
     kw = dict(workers=workers, progress=progress, use_cache=use_cache, data_dir=data_dir)
 
@@ -672,7 +684,7 @@ def evaluate(
         )
         validity["comp_valid_counting_unreadable"] = _pct(gen.comp_valid.sum() / (n + len(errors)))
     ok = np.nonzero(gen.fp_ok)[0]
-    cov = M.coverage(
+    cov = coverage(
         gen.struct_fp[ok],
         gen.comp_fp[ok],
         ref_ok.struct_fp,
@@ -681,7 +693,7 @@ def evaluate(
         cutoffs[1],
         num_generated=n,
     )
-    coverage = dict(
+    cov_pct = dict(
         cov_recall=_pct(cov["cov_recall"]),
         cov_precision=_pct(cov["cov_precision"]),
         **{k: round(v, 5) for k, v in cov.items() if k.startswith("am")},
@@ -689,13 +701,13 @@ def evaluate(
         comp_cutoff=cutoffs[1],
         cutoffs=cutoff_source,
     )
-    prop_idx = M.property_subset(gen.valid, n_property, seed)
+    prop_idx = property_subset(gen.valid, n_property, seed)
     prop = dict(
         n_used=len(prop_idx),
         n_valid=int(gen.valid.sum()),
         seed=seed,
-        wdist_density=round(M.wasserstein(gen.density[prop_idx], ref.density), 5),
-        wdist_num_elements=round(M.wasserstein(gen.n_elements[prop_idx], ref.n_elements), 5),
+        wdist_density=round(wasserstein(gen.density[prop_idx], ref.density), 5),
+        wdist_num_elements=round(wasserstein(gen.n_elements[prop_idx], ref.n_elements), 5),
         mean_density=round(float(np.nanmean(gen.density[prop_idx])), 4) if len(prop_idx) else None,
         mean_density_reference=round(float(np.nanmean(ref.density)), 4),
         mean_num_elements=round(float(gen.n_elements[prop_idx].mean()), 4)
@@ -703,7 +715,7 @@ def evaluate(
         else None,
         mean_num_elements_reference=round(float(ref.n_elements.mean()), 4),
     )
-    symmetry = M.symmetry_statistics(gen.spacegroup, ref.spacegroup)
+    symmetry = symmetry_statistics(gen.spacegroup, ref.spacegroup)
     symmetry = {
         k: (_pct(v) if k.startswith("p1") or k.endswith("tvd") else v) for k, v in symmetry.items()
     }
@@ -713,11 +725,11 @@ def evaluate(
     un = None
     if train_split:
         t = time.perf_counter()
-        matcher = M.default_matcher()
-        unique = M.unique_mask(structures, matcher)
+        matcher = default_matcher()
+        unique = unique_mask(structures, matcher)
         train = TrainingSet(dataset, train_split, limit=reference_limit, **kw)
         formulas = {s.composition.reduced_formula for s in structures}
-        novel = M.novel_mask(structures, train.structures_for(formulas), matcher)
+        novel = novel_mask(structures, train.structures_for(formulas), matcher)
         un = dict(
             unique=_pct(unique.mean()),
             novel=_pct(novel.mean()),
@@ -740,7 +752,7 @@ def evaluate(
         reference_limit=reference_limit,
         comparable=reference_limit is None and n_property == 1000,
         validity=validity,
-        coverage=coverage,
+        coverage=cov_pct,
         property=prop,
         uniqueness_novelty=un,
         symmetry=symmetry,

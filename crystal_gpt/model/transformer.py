@@ -28,7 +28,12 @@ import torch.nn.functional as F
 import zuko
 from torch import Tensor, nn
 
-from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, LATTICE_FREE_PARAMS, get_tables, lattice_points
+from crystal_gpt.data.symmetry import (
+    CRYSTAL_SYSTEMS,
+    LATTICE_FREE_PARAMS,
+    get_tables,
+    lattice_points,
+)
 
 NUM_ELEMENTS = 119  # index 0 = no element (end of sequence), 1..118 = atomic number
 LOG_2PI = math.log(2 * math.pi)
@@ -548,8 +553,8 @@ class CrystalGPT(nn.Module):
         Each structure is encoded (Wyckoff representation, ``symprec``) and scored in its
         canonical site order; ``per_atom`` divides by the atoms of the conventional cell.
         """
-        from crystal_gpt.batch import PaddedCrystals, bucketed_batches, crystals_to_encoded
-        from crystal_gpt.representation import encode
+        from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches, crystals_to_encoded
+        from crystal_gpt.data.codec import encode
 
         data = PaddedCrystals(
             crystals_to_encoded([encode(s, symprec) for s in structures]), self.config.max_sites
@@ -570,7 +575,7 @@ class CrystalGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str = "mp_20", device: str = "cpu") -> CrystalGPT:
         """A bundled model by name (``crystal-gpt models``) or a checkpoint path."""
-        from crystal_gpt.pretrained import load_pretrained
+        from crystal_gpt.model.checkpoints import load_pretrained
 
         return load_pretrained(name_or_path, device)
 
@@ -598,8 +603,8 @@ class CrystalGPT(nn.Module):
         gives exactly those elements, all present; ``allow_unseen`` lifts the default
         restriction to the training data's elements and sizes (see
         ``sampling.sample_crystals``, which gives the WyckoffCrystals)."""
-        from crystal_gpt.representation import decode
-        from crystal_gpt.sampling import sample_crystals
+        from crystal_gpt.data.codec import decode
+        from crystal_gpt.sampling.sampler import sample_crystals
 
         crystals = sample_crystals(
             self,

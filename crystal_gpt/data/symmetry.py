@@ -3,7 +3,7 @@
 The tables are derived from pyxtal (Wyckoff positions, in the ITA standard setting pyxtal uses)
 and spglib (the Hall number of that same setting, so spglib's standardised cells line up with
 pyxtal's coordinates). Deriving them takes ~10 s, so the result ships as a compressed ``.npz``
-(`crystal_gpt/tables/wyckoff.npz`), rebuilt with ``python -m crystal_gpt.symmetry``.
+(`crystal_gpt/tables/wyckoff.npz`), rebuilt with ``python -m crystal_gpt.data.symmetry``.
 
 Letter index 0 is Wyckoff letter 'a' (highest site symmetry); the last index of a group is its
 general position. Group 47 (Pmmm) has 27 positions, the last one lettered 'A' as in the ITA.
@@ -164,7 +164,7 @@ def get_tables() -> WyckoffTables:
     path = _table_path()
     if not path.exists():
         raise FileNotFoundError(
-            f"Wyckoff tables missing at {path}; rebuild with `python -m crystal_gpt.symmetry`"
+            f"Wyckoff tables missing at {path}; rebuild with `python -m crystal_gpt.data.symmetry`"
         )
     with np.load(path) as z:
         if int(z["version"]) != TABLE_VERSION:

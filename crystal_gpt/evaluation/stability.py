@@ -44,7 +44,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Element, Lattice, Structure
 from tqdm.auto import tqdm
 
-from crystal_gpt.encoding import cache_dir, process_pool
+from crystal_gpt.data.cache import cache_dir, process_pool
 
 DEFAULT_STEPS = 500
 DEFAULT_FMAX = 0.1  # eV/A, MatterGen / CHGNet default
@@ -641,7 +641,7 @@ class ReferenceHull:
         """Build and save the reference hull of a dataset: all crystals of ``splits`` (default
         train + holdout + test: the largest reference available, as MatterGen prefers a large
         hull), ``limit`` crystals per split at most. What ``crystal-gpt hull build`` runs."""
-        from crystal_gpt.data import load_dataset
+        from crystal_gpt.data.datasets import load_dataset
 
         t0 = time.perf_counter()
         structures, ids, sources = [], [], []

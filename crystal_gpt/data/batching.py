@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crystal_gpt.encoding import EncodedDataset
-from crystal_gpt.representation import WyckoffCrystal
+from crystal_gpt.data.cache import EncodedDataset
+from crystal_gpt.data.codec import WyckoffCrystal
 
 
 class PaddedCrystals:

@@ -9,8 +9,8 @@ from pathlib import Path
 from pymatgen.core import Structure
 from pymatgen.core.operations import SymmOp
 
-from crystal_gpt.representation import WyckoffCrystal
-from crystal_gpt.symmetry import get_tables
+from crystal_gpt.data.codec import WyckoffCrystal
+from crystal_gpt.data.symmetry import get_tables
 
 SUMMARY_FIELDS = (
     "index",

@@ -4,7 +4,7 @@ Each function states the protocol it follows (docs: REFERENCE.md sections 1-2). 
 meant to sit next to published ones, so the rules are copied faithfully, quirks included: the
 SMACT charge-neutrality rule with ``Element.oxidation_states``, the fixed CDVAE standardisation of
 the composition fingerprint, COV-P divided by all generated crystals. The per-crystal work
-(fingerprints, symmetry) lives in :mod:`crystal_gpt.evaluation`; this module is the arithmetic.
+(fingerprints, symmetry) lives in the evaluation suite; this module is the arithmetic.
 """
 
 from __future__ import annotations

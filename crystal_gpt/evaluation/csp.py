@@ -40,7 +40,7 @@ def primitive_composition(structure: Structure) -> dict[str, int]:
 def _prepare(job: tuple[Structure, int]) -> tuple[dict[str, int], bool]:
     """A target's primitive-cell composition, and whether some space group can hold it within
     the model's site limit."""
-    from crystal_gpt.constraints import Planner, feasible_groups, make_request
+    from crystal_gpt.sampling.constraints import Planner, feasible_groups, make_request
 
     structure, max_sites = job
     comp = primitive_composition(structure)
@@ -148,9 +148,9 @@ def evaluate_csp(
     description: str = "",
 ) -> CSPResult:
     """Sample k structures per target composition and match them against the target."""
-    from crystal_gpt.encoding import parallel_map
-    from crystal_gpt.representation import decode
-    from crystal_gpt.sampling import sample_crystals
+    from crystal_gpt.data.cache import parallel_map
+    from crystal_gpt.data.codec import decode
+    from crystal_gpt.sampling.sampler import sample_crystals
 
     if k < 1:
         raise ValueError("k must be at least 1")

@@ -2,8 +2,8 @@
 
 Every number is printed with the protocol that produced it, and for the benchmark datasets the
 published numbers (REFERENCE.md section 3) sit beside ours. Stability results (CHGNet relaxation,
-energy above hull) are optional: pass the dict of ``crystal_gpt.stability.evaluate_stability``
-and its E_hull histogram, summary numbers and S.U.N. rates are added.
+energy above hull) are optional: pass the dict of ``evaluate_stability`` and its
+E_hull histogram, summary numbers and S.U.N. rates are added.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from crystal_gpt import metrics as M
-from crystal_gpt.symmetry import CRYSTAL_SYSTEMS
+from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS
+from crystal_gpt.evaluation.metrics import (
+    PUBLISHED_MP20,
+    PUBLISHED_OTHER,
+    spacegroup_histogram,
+    sun_rates,
+)
 
 if TYPE_CHECKING:
-    from crystal_gpt.evaluation import Evaluation
+    from crystal_gpt.evaluation.suite import Evaluation
 
 SYSTEMS = CRYSTAL_SYSTEMS
 LATTICE_LABELS = ("a (A)", "b (A)", "c (A)", "alpha (deg)", "beta (deg)", "gamma (deg)")
@@ -99,7 +104,7 @@ def _plots(ev: Evaluation, out: Path, stability: dict | None) -> dict[str, str]:
     fig.suptitle(f"conventional standard cell (spglib, symprec {ev_symprec()})", fontsize=10)
     save(fig, "lattice.png", "Lattice parameters")
 
-    hg, hr = M.spacegroup_histogram(s.spacegroup), M.spacegroup_histogram(r.spacegroup)
+    hg, hr = spacegroup_histogram(s.spacegroup), spacegroup_histogram(r.spacegroup)
     pg, pr = hg / max(hg.sum(), 1), hr / max(hr.sum(), 1)
     order = np.argsort(-(pg + pr)[1:])[:30] + 1
     fig, axes = plt.subplots(2, 1, figsize=(11, 6.5))
@@ -134,7 +139,7 @@ def _plots(ev: Evaluation, out: Path, stability: dict | None) -> dict[str, str]:
 
 
 def ev_symprec() -> float:
-    from crystal_gpt.evaluation import SYMPREC
+    from crystal_gpt.evaluation.suite import SYMPREC
 
     return SYMPREC
 
@@ -166,9 +171,9 @@ def _metric_rows(m: dict) -> tuple[list[str], list[list[str]]]:
         ("wd_nel", "wdist #elements", p["wdist_num_elements"], "same crystals"),
     ]
     if m["dataset"] == "mp_20":
-        published = M.PUBLISHED_MP20
-    elif m["dataset"] in M.PUBLISHED_OTHER:
-        published = {"CDVAE": M.PUBLISHED_OTHER[m["dataset"]]}
+        published = PUBLISHED_MP20
+    elif m["dataset"] in PUBLISHED_OTHER:
+        published = {"CDVAE": PUBLISHED_OTHER[m["dataset"]]}
     else:
         published = {}
     header = ["metric", "ours", "protocol", *[f"{k} (published)" for k in published]]
@@ -201,7 +206,7 @@ def _stability_rows(stability: dict, ev: Evaluation) -> list[list[str]]:
             rows.append([k, ", ".join(f"{a}: {b}" for a, b in val.items())])
     e = stability.get("e_above_hull")
     if e is not None and ev.unique is not None and len(e) == len(ev.unique):
-        for k, val in M.sun_rates(e, ev.unique, ev.novel).items():
+        for k, val in sun_rates(e, ev.unique, ev.novel).items():
             rows.append(
                 [f"S.U.N. % (E_hull <= {k[4:]} eV/atom, unique, novel; / all)", _fmt(100 * val, 2)]
             )
@@ -405,7 +410,7 @@ def write_report(
 ) -> Path:
     """Write report.md, report.html, metrics.json, crystals.csv and PNG plots into ``out_dir``.
 
-    ``stability``: optional dict from ``crystal_gpt.stability.evaluate_stability`` (keys such as
+    ``stability``: optional dict from ``evaluate_stability`` (keys such as
     ``e_above_hull`` (per crystal, NaN where it failed), ``stable_0.1``, ``stable_0.0``,
     ``metastable``, ``rmsd_mean``): plotted, tabulated and combined with uniqueness and novelty
     into S.U.N. rates.
@@ -421,7 +426,7 @@ def write_report(
         e = stability.get("e_above_hull")
         if e is not None and ev.unique is not None and len(e) == len(ev.unique):
             metrics["stability"].update(
-                {k: round(100 * val, 4) for k, val in M.sun_rates(e, ev.unique, ev.novel).items()}
+                {k: round(100 * val, 4) for k, val in sun_rates(e, ev.unique, ev.novel).items()}
             )
     metrics["unreadable_files"] = [{"file": f, "reason": why} for f, why in ev.errors]
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")

@@ -1,7 +1,7 @@
 """Bundled models: small weights shipped in the package, loaded by name or from any checkpoint.
 
 A bundled model file is a float16 state dict with its config and a record of how it was made
-(training data and protocol, epochs, test NLL); ``python -m crystal_gpt.pretrained export RUN
+(training data and protocol, epochs, test NLL); ``python -m crystal_gpt.model.checkpoints export RUN
 NAME`` writes one from a training run's ``best.pt``.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from crystal_gpt.encoding import encode_dataset
-from crystal_gpt.model import CrystalGPT, ModelConfig, spacegroup_prior
+from crystal_gpt.data.cache import encode_dataset
+from crystal_gpt.model.transformer import CrystalGPT, ModelConfig, spacegroup_prior
 
 DEFAULT_MODEL = "mp_20"
 
@@ -90,6 +90,8 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) < 4 or sys.argv[1] != "export":
-        sys.exit("usage: python -m crystal_gpt.pretrained export RUN_DIR NAME ['{json extra}']")
+        sys.exit(
+            "usage: python -m crystal_gpt.model.checkpoints export RUN_DIR NAME ['{json extra}']"
+        )
     extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
     print(export(sys.argv[2], sys.argv[3], extra))
