@@ -61,8 +61,9 @@ def main() -> None:
     import torch
 
     from crystal_gpt import load_dataset
-    from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
-    from crystal_gpt.model.checkpoints import load_pretrained
+    from crystal_gpt.data.batching import PaddedCrystals
+    from crystal_gpt.data.cache import EncodedDataset
+    from crystal_gpt.model.checkpoints import load_model
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
@@ -72,10 +73,10 @@ def main() -> None:
         chunks = [(name, k, min(k + 200, n)) for k in range(0, n, 200)]
         with ProcessPoolExecutor(args.workers) as pool:
             rows = [r for part in pool.map(check, chunks) for r in part]
-        model = load_pretrained(MODELS[name])
+        model = load_model(MODELS[name])
         lp = []
         for which in (3, 4):
-            data = PaddedCrystals(crystals_to_encoded([r[which] for r in rows]), 64)
+            data = PaddedCrystals(EncodedDataset.from_crystals([r[which] for r in rows]), 64)
             vals = np.zeros(len(rows))
             with torch.no_grad():
                 for k in range(0, len(rows), 512):

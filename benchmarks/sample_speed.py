@@ -20,7 +20,7 @@ import torch
 
 from crystal_gpt.cli import main as cli_main
 from crystal_gpt.data.codec import decode
-from crystal_gpt.model.checkpoints import load_pretrained
+from crystal_gpt.model.checkpoints import load_model
 from crystal_gpt.sampling.sampler import sample_crystals
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    model = load_pretrained(args.model)
+    model = load_model(args.model)
     sample_crystals(model, 20, seed=0)  # warm-up (first-call imports)
     timings = {}
     for use_cache in (True, False):

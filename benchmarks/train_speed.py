@@ -18,7 +18,8 @@ import torch
 
 from crystal_gpt import encode_dataset
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
-from crystal_gpt.model.transformer import CrystalGPT, lattice_statistics
+from crystal_gpt.model.distributions import lattice_statistics
+from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.training import load_config
 
 

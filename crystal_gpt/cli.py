@@ -150,11 +150,11 @@ def cmd_nll(args: argparse.Namespace) -> int:
     import torch
 
     from crystal_gpt.data.batching import PaddedCrystals
-    from crystal_gpt.model.checkpoints import load_pretrained
+    from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.training import evaluate_nll, pick_device
 
     device = pick_device(args.device)
-    model = load_pretrained(args.checkpoint, device)
+    model = load_model(args.checkpoint, device)
     ds = encode_dataset(args.dataset, args.split, symprec=args.symprec, progress=not args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,9 +201,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+    from crystal_gpt.data.batching import PaddedCrystals
+    from crystal_gpt.data.cache import EncodedDataset
     from crystal_gpt.data.codec import decode
-    from crystal_gpt.model.checkpoints import load_pretrained
+    from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.sampling.output import write_samples
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.training import pick_device
@@ -211,7 +212,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError("-n must be at least 1")
     device = pick_device(args.device)
-    model = load_pretrained(args.model, device)
+    model = load_model(args.model, device)
     groups = _parse_spacegroups(args.spacegroup)
     t0 = time.perf_counter()
 
@@ -236,7 +237,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=args.n >= 2000,
     )
     structures = [decode(c) for c in crystals]
-    data = PaddedCrystals(crystals_to_encoded(crystals), model.config.max_sites)
+    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
     with torch.no_grad():
         idx = np.arange(len(crystals))
         lp = model(data.batch(idx, device))
@@ -257,10 +258,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate_csp(args: argparse.Namespace) -> int:
     from crystal_gpt.data.datasets import load_dataset
     from crystal_gpt.evaluation.csp import evaluate_csp
-    from crystal_gpt.model.checkpoints import load_pretrained
+    from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.training import pick_device
 
-    model = load_pretrained(args.model, pick_device(args.device))
+    model = load_model(args.model, pick_device(args.device))
     data = load_dataset(args.dataset, args.split)
     records = list(data)
     if args.limit is not None and args.limit < len(records):

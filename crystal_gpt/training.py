@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.cache import EncodedDataset, encode_dataset
+from crystal_gpt.model.checkpoints import load_model as load_model  # the one loader
+from crystal_gpt.model.distributions import lattice_statistics, spacegroup_prior
 from crystal_gpt.model.transformer import (
     PARTS,
     CrystalGPT,
     ModelConfig,
-    lattice_statistics,
-    spacegroup_prior,
 )
+from crystal_gpt.utils import atomic_path, fmt
 
 PRESETS = ("tiny", "small", "large")
 
@@ -183,20 +184,8 @@ def _init_distributed(device: torch.device) -> bool:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> CrystalGPT:
-    """A trained model from a checkpoint (``best.pt`` / ``last.pt`` of a run)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p}")
-    state = torch.load(p, map_location=device, weights_only=False)
-    model = CrystalGPT(ModelConfig(**state["config"]["model"]))
-    model.load_weights(state["model"])
-    return model.to(device).eval()
+    with atomic_path(path) as tmp:  # a crash mid-write never corrupts the previous checkpoint
+        torch.save(state, tmp)
 
 
 # ---------------------------------------------------------------- the loop
@@ -277,7 +266,7 @@ def train(
     state = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0}
     if resume and last_path.exists():
         ck = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
+        model.load_weights(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         torch.set_rng_state(ck["torch_rng"])
@@ -368,7 +357,7 @@ def train(
             "val_nll_per_atom": val["nll_per_atom"],
         }
         with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row[k]) for k in fields])
+            csv.writer(f).writerow([fmt(row[k], ".6g", missing="nan") for k in fields])
         if writer is not None:
             for k, v in row.items():
                 if k not in ("epoch", "step"):
@@ -407,10 +396,6 @@ def train(
     if distributed:
         dist.destroy_process_group()
     return TrainResult(summary, model)
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def _tensorboard(out: Path):

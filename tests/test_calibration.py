@@ -14,9 +14,10 @@ import pytest
 import torch
 from scipy import stats
 
-from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+from crystal_gpt.data.batching import PaddedCrystals
+from crystal_gpt.data.cache import EncodedDataset
 from crystal_gpt.data.symmetry import get_tables
-from crystal_gpt.model.transformer import von_mises_mixture_logpdf
+from crystal_gpt.model.distributions import von_mises_mixture_logpdf
 from crystal_gpt.sampling.sampler import sample_crystals
 
 T = get_tables()
@@ -65,7 +66,7 @@ def discrete_pit(logits: torch.Tensor, k: torch.Tensor, rng: np.random.Generator
 
 
 def pits(model, crystals):
-    data = PaddedCrystals(crystals_to_encoded(crystals), model.config.max_sites)
+    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
     batch = data.batch(np.arange(len(data)))
     with torch.no_grad():
         out = model(batch, distributions=True)
@@ -125,14 +126,14 @@ def test_pit_detects_a_sampler_that_ignores_fixed_coordinates(sharp):
         sharp, N, seed=1, symprec=None, spacegroup=62, wyckoff_template="4c 4c"
     )
     # redraw z of each site from the z head conditioned on an unprojected y (the old sampler)
-    data = PaddedCrystals(crystals_to_encoded(crystals), sharp.config.max_sites)
+    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), sharp.config.max_sites)
     batch = data.batch(np.arange(len(data)))
     gen = torch.Generator().manual_seed(0)
     x = batch["x"].clone()
     x[..., 1] = torch.rand(x.shape[:2], generator=gen)  # what the y head drew: not 1/4
     with torch.no_grad():
         out = sharp({**batch, "x": x}, distributions=True)
-    from crystal_gpt.model.transformer import von_mises_mixture_sample
+    from crystal_gpt.model.distributions import von_mises_mixture_sample
 
     z_old = von_mises_mixture_sample(out["x_params"][:, 2], gen)
     batch["x"][..., 2] = z_old.view(batch["x"].shape[:2])

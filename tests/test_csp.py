@@ -10,7 +10,7 @@ from crystal_gpt.evaluation.csp import (
     evaluate_csp,
     primitive_composition,
 )
-from crystal_gpt.model.checkpoints import load_pretrained
+from crystal_gpt.model.checkpoints import load_model
 
 
 def _rocksalt(a: float = 5.64) -> Structure:
@@ -51,7 +51,7 @@ def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, cap
     from crystal_gpt.cli import main as cli_main
     from crystal_gpt.data.datasets import load_dataset
 
-    model = load_pretrained("perov_5")
+    model = load_model("perov_5")
     recs = list(load_dataset("perov_5", "test", limit=6))
     res = evaluate_csp(model, [r.structure for r in recs], [r.id for r in recs], k=4,
                        workers=1, progress=False)  # fmt: skip
@@ -69,7 +69,7 @@ def test_bundled_csp_model_needs_and_honours_a_composition(tmp_path, capsys):
     from crystal_gpt.cli import main as cli_main
     from crystal_gpt.data.symmetry import lattice_points
 
-    model = load_pretrained("mp_20_csp")
+    model = load_model("mp_20_csp")
     assert model.config.condition_on_composition
     structures = model.sample(8, composition="Li4Fe4P4O16", seed=0)
     for s in structures:

@@ -7,15 +7,17 @@ import torch
 from crystal_gpt import encode_dataset
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.model.distributions import (
+    lattice_features,
+    lattice_from_features,
+    lattice_statistics,
+    von_mises_mixture_logpdf,
+)
 from crystal_gpt.model.transformer import (
     LATTICE_DIMS,
     CrystalGPT,
     ModelConfig,
     SymmetryTensors,
-    _lattice_features,
-    lattice_from_features,
-    lattice_statistics,
-    von_mises_mixture_logpdf,
 )
 from crystal_gpt.training import load_config
 
@@ -165,7 +167,7 @@ def test_lattice_feature_map_inverts(data):
     g = torch.as_tensor(data.g[:200])
     system = torch.as_tensor(get_tables().crystal_system.astype("int64"))[g]
     n = torch.as_tensor(data.num_atoms[:200])
-    z, _ = _lattice_features(lat, system, n)
+    z, _ = lattice_features(lat, system, n)
     assert torch.allclose(lattice_from_features(z, system, n), lat, atol=1e-3)
 
 
@@ -231,7 +233,7 @@ def test_every_vendored_crystal_has_finite_likelihood(model, name, split):
 
 
 def test_spacegroup_prior_is_the_smoothed_histogram():
-    from crystal_gpt.model.transformer import spacegroup_prior
+    from crystal_gpt.model.distributions import spacegroup_prior
 
     logp = spacegroup_prior(np.array([225, 225, 225, 1]), smoothing=0.5)
     p = logp[1:].exp()

@@ -4,7 +4,8 @@ import spglib
 import torch
 
 from crystal_gpt import decode
-from crystal_gpt.data.batching import PaddedCrystals, crystals_to_encoded
+from crystal_gpt.data.batching import PaddedCrystals
+from crystal_gpt.data.cache import EncodedDataset
 from crystal_gpt.data.symmetry import get_tables
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
@@ -35,7 +36,7 @@ def test_samples_are_symmetric_and_legal(model):
         s = decode(c)
         assert len(s) == c.num_atoms and np.isfinite(s.lattice.volume)
     # the model gives every sample a finite likelihood (the masks agree with the sampler)
-    data = PaddedCrystals(crystals_to_encoded(crystals))
+    data = PaddedCrystals(EncodedDataset.from_crystals(crystals))
     out = model(data.batch(np.arange(len(crystals))))
     assert torch.isfinite(out["total"]).all()
 

@@ -13,6 +13,7 @@ from pymatgen.core import Lattice, Structure
 pytest.importorskip("chgnet", reason="needs the eval extra: pip install 'crystal-gpt[eval]'")
 
 from crystal_gpt.evaluation import stability
+from crystal_gpt.evaluation.stability import relaxation
 from crystal_gpt.evaluation.stability import (
     ReferenceHull,
     displacement_rmsd,
@@ -133,7 +134,7 @@ def test_relax_resume_and_failures(tmp_path, monkeypatch) -> None:
     def boom(job):
         raise AssertionError("cached crystals must not be relaxed again")
 
-    monkeypatch.setattr(stability, "_relax_job", boom)
+    monkeypatch.setattr(relaxation, "_relax_job", boom)
     again = relax_structures(crystals, steps=40, cache=cache, progress=False)
     for a, b in zip(first, again, strict=True):
         assert a.error == b.error and a.converged == b.converged

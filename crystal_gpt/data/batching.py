@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from crystal_gpt.data.cache import EncodedDataset
-from crystal_gpt.data.codec import WyckoffCrystal
 
 
 class PaddedCrystals:
@@ -51,25 +48,6 @@ class PaddedCrystals:
             "num_atoms": self.num_atoms[idx],
         }
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
-
-
-def crystals_to_encoded(crystals: Sequence[WyckoffCrystal]) -> EncodedDataset:
-    """Wrap in-memory WyckoffCrystals as an EncodedDataset (for log_prob on user structures)."""
-    n = np.array([c.num_sites for c in crystals], dtype=np.int64)
-    return EncodedDataset(
-        ids=np.array([str(i) for i in range(len(crystals))]),
-        rows=np.arange(len(crystals)),
-        spacegroup=np.array([c.spacegroup for c in crystals], dtype=np.int16),
-        site_start=np.concatenate([[0], np.cumsum(n)]).astype(np.int64),
-        wyckoff=np.concatenate([c.wyckoff for c in crystals]).astype(np.int16),
-        species=np.concatenate([c.species for c in crystals]).astype(np.int16),
-        coords=np.concatenate([c.coords for c in crystals]).astype(float),
-        lattice=np.array([c.lattice_parameters for c in crystals], dtype=float).reshape(-1, 6),
-        symprec=np.array([np.nan if c.symprec is None else c.symprec for c in crystals]),
-        fallback=np.array(["fallback" in c.meta for c in crystals], dtype=bool),
-        properties={},
-        errors=[],
-    )
 
 
 def bucketed_batches(

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from crystal_gpt.data.codec import (
     DEFAULT_SYMPREC,
@@ -38,6 +35,7 @@ from crystal_gpt.data.datasets import (
     split_sources,
 )
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
+from crystal_gpt.utils import atomic_path, parallel_map
 
 ENCODER_VERSION = 2  # 2: canonical origin (normaliser cosets, polar axes), symmetrised coordinates
 
@@ -141,26 +139,53 @@ class EncodedDataset:
             errors=[e for p in parts for e in p.errors],
         )
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        props = {f"prop:{k}": v for k, v in self.properties.items()}
-        np.savez(
-            tmp,
-            ids=self.ids,
-            rows=self.rows,
-            spacegroup=self.spacegroup,
-            site_start=self.site_start,
-            wyckoff=self.wyckoff,
-            species=self.species,
-            coords=self.coords,
-            lattice=self.lattice,
-            symprec=self.symprec,
-            fallback=self.fallback,
-            errors=np.array(json.dumps([e.__dict__ for e in self.errors])),
-            **props,
+    @classmethod
+    def from_crystals(
+        cls,
+        crystals: Sequence[WyckoffCrystal],
+        ids: Sequence[str] | None = None,
+        rows: Sequence[int] | None = None,
+        properties: dict[str, np.ndarray] | None = None,
+        errors: list[RowError] | None = None,
+    ) -> EncodedDataset:
+        """In-memory WyckoffCrystals as flat arrays (ids and rows default to 0, 1, ...)."""
+        n_sites = np.array([wc.num_sites for wc in crystals], dtype=np.int64)
+        cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
+        return cls(
+            ids=np.array([str(i) for i in range(len(crystals))] if ids is None else ids, dtype=str),
+            rows=np.array(range(len(crystals)) if rows is None else rows, dtype=np.int64),
+            spacegroup=np.array([wc.spacegroup for wc in crystals], dtype=np.int16),
+            site_start=np.concatenate([[0], np.cumsum(n_sites)]).astype(np.int64),
+            wyckoff=cat([wc.wyckoff for wc in crystals], (0,)).astype(np.int16),
+            species=cat([wc.species for wc in crystals], (0,)).astype(np.int16),
+            coords=cat([wc.coords for wc in crystals], (0, 3)).astype(float),
+            lattice=np.array([wc.lattice_parameters for wc in crystals], dtype=float).reshape(
+                -1, 6
+            ),
+            symprec=np.array([np.nan if wc.symprec is None else wc.symprec for wc in crystals]),
+            fallback=np.array(["fallback" in wc.meta for wc in crystals], dtype=bool),
+            properties={} if properties is None else properties,
+            errors=[] if errors is None else errors,
         )
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+
+    def save(self, path: Path) -> None:
+        props = {f"prop:{k}": v for k, v in self.properties.items()}
+        with atomic_path(path, ".npz") as tmp:  # a killed run never leaves a half-written cache
+            np.savez(
+                tmp,
+                ids=self.ids,
+                rows=self.rows,
+                spacegroup=self.spacegroup,
+                site_start=self.site_start,
+                wyckoff=self.wyckoff,
+                species=self.species,
+                coords=self.coords,
+                lattice=self.lattice,
+                symprec=self.symprec,
+                fallback=self.fallback,
+                errors=np.array(json.dumps([e.__dict__ for e in self.errors])),
+                **props,
+            )
 
     @classmethod
     def load(cls, path: Path) -> EncodedDataset:
@@ -169,39 +194,6 @@ class EncodedDataset:
             fields = {k: z[k] for k in z.files if not k.startswith("prop:") and k != "errors"}
             errors = [RowError(**e) for e in json.loads(str(z["errors"]))]
         return cls(**fields, properties=props, errors=errors)
-
-
-def process_pool(workers: int):
-    """A worker pool that plain user scripts can use: fork where the OS has it (no
-    ``if __name__ == "__main__"`` guard needed, workers share the imported modules), else spawn."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers)
-
-
-def parallel_map(
-    fn: Callable,
-    jobs: Iterable,
-    workers: int | None,
-    total: int | None,
-    desc: str,
-    progress: bool,
-    chunksize: int = 32,
-) -> list:
-    """``[fn(job) for job in jobs]`` over worker processes (in order), with a progress bar."""
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
-    results = []
-    if workers > 1:
-        with process_pool(workers) as pool:
-            for res in pool.imap(fn, jobs, chunksize=chunksize):
-                results.append(res)
-                bar.update()
-    else:
-        for job in jobs:
-            results.append(fn(job))
-            bar.update()
-    bar.close()
-    return results
 
 
 def _encode_row(args: tuple[RawRow, float, str]):
@@ -244,24 +236,13 @@ def encode_rows(
 
 
 def _assemble(results: list) -> EncodedDataset:
-    errors = [r for r in results if isinstance(r, RowError)]
     good = [r for r in results if not isinstance(r, RowError)]
-    crystals = [wc for _, wc in good]
-    n_sites = np.array([wc.num_sites for wc in crystals], dtype=np.int64)
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
-    return EncodedDataset(
-        ids=np.array([row.id for row, _ in good], dtype=str),
-        rows=np.array([row.row for row, _ in good], dtype=np.int64),
-        spacegroup=np.array([wc.spacegroup for wc in crystals], dtype=np.int16),
-        site_start=np.concatenate([[0], np.cumsum(n_sites)]).astype(np.int64),
-        wyckoff=cat([wc.wyckoff for wc in crystals], (0,)).astype(np.int16),
-        species=cat([wc.species for wc in crystals], (0,)).astype(np.int16),
-        coords=cat([wc.coords for wc in crystals], (0, 3)).astype(float),
-        lattice=np.array([wc.lattice_parameters for wc in crystals], dtype=float).reshape(-1, 6),
-        symprec=np.array([np.nan if wc.symprec is None else wc.symprec for wc in crystals]),
-        fallback=np.array(["fallback" in wc.meta for wc in crystals], dtype=bool),
+    return EncodedDataset.from_crystals(
+        [wc for _, wc in good],
+        ids=[row.id for row, _ in good],
+        rows=[row.row for row, _ in good],
         properties=_properties_to_arrays([row.properties for row, _ in good]),
-        errors=errors,
+        errors=[r for r in results if isinstance(r, RowError)],
     )
 
 

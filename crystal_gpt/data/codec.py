@@ -23,6 +23,8 @@ from pymatgen.core import Element, Lattice, Structure
 from crystal_gpt.data.symmetry import (
     CRYSTAL_SYSTEMS,
     LATTICE_FREE_PARAMS,
+    LATTICE_PARAMS,
+    LATTICE_TIES,
     check_spacegroup,
     get_tables,
     wrap01,
@@ -137,26 +139,22 @@ class WyckoffCrystal:
 
 def reduce_lattice_parameters(crystal_system: str, params: np.ndarray) -> np.ndarray:
     """Keep the free parameters of a conventional cell: (a, b, c, alpha, beta, gamma) -> (k,)."""
-    idx = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
-    return np.array([params[idx[name]] for name in LATTICE_FREE_PARAMS[crystal_system]], float)
+    free = LATTICE_FREE_PARAMS[crystal_system]
+    return np.array([params[LATTICE_PARAMS.index(name)] for name in free], float)
 
 
 def full_lattice_parameters(crystal_system: str, free: np.ndarray) -> np.ndarray:
     """Inverse of ``reduce_lattice_parameters``: fill in what the crystal system fixes."""
-    f = [float(v) for v in free]
-    if crystal_system == "triclinic":
-        return np.array(f)
-    if crystal_system == "monoclinic":
-        return np.array([f[0], f[1], f[2], 90.0, f[3], 90.0])
-    if crystal_system == "orthorhombic":
-        return np.array([f[0], f[1], f[2], 90.0, 90.0, 90.0])
-    if crystal_system == "tetragonal":
-        return np.array([f[0], f[0], f[1], 90.0, 90.0, 90.0])
-    if crystal_system in ("trigonal", "hexagonal"):
-        return np.array([f[0], f[0], f[1], 90.0, 90.0, 120.0])
-    if crystal_system == "cubic":
-        return np.array([f[0]] * 3 + [90.0] * 3)
-    raise ValueError(f"unknown crystal system {crystal_system!r}")
+    if crystal_system not in LATTICE_TIES:
+        raise ValueError(f"unknown crystal system {crystal_system!r}")
+    values = dict(zip(LATTICE_FREE_PARAMS[crystal_system], (float(v) for v in free), strict=True))
+    ties = LATTICE_TIES[crystal_system]
+    return np.array(
+        [
+            values[n] if t is None else values[t] if t == "a" else t
+            for n, t in zip(LATTICE_PARAMS, ties, strict=True)
+        ]
+    )
 
 
 def _lattice_parameters(matrix: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
-from crystal_gpt.data.cache import parallel_map
 from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode, encode
+from crystal_gpt.utils import parallel_map
 
 STATUSES = ("match", "match_supercell", "no_match", "error")
 

@@ -41,6 +41,23 @@ LATTICE_FREE_PARAMS: dict[str, tuple[str, ...]] = {
     "hexagonal": ("a", "c"),
     "cubic": ("a",),
 }
+LATTICE_PARAMS = ("a", "b", "c", "alpha", "beta", "gamma")
+
+
+def _tie(system: str, name: str) -> str | float | None:
+    if name in LATTICE_FREE_PARAMS[system]:
+        return None
+    if name in ("b", "c"):
+        return "a"
+    return 120.0 if name == "gamma" and system in ("trigonal", "hexagonal") else 90.0
+
+
+# What each parameter of (a, b, c, alpha, beta, gamma) is when the system does not leave it free:
+# "a" (a tied length equals a) or a fixed angle in degrees; None where it is free. The codec
+# (numpy) and the model's lattice distribution (torch) both fill in cells from this one table.
+LATTICE_TIES: dict[str, tuple[str | float | None, ...]] = {
+    system: tuple(_tie(system, name) for name in LATTICE_PARAMS) for system in CRYSTAL_SYSTEMS
+}
 
 
 def crystal_system_of(spacegroup: int) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
+from crystal_gpt.utils import fmt
+
 MATCHER = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
 
 
@@ -108,7 +110,7 @@ class CSPResult:
                 best = np.nanmin(row) if (~np.isnan(row)).any() else math.nan
                 w.writerow(
                     [cid, formula, bool(self.feasible[i]), not np.isnan(row[0]),
-                     _fmt(row[0]), not np.isnan(best), _fmt(best)]
+                     fmt(row[0], 5, missing=""), not np.isnan(best), fmt(best, 5, missing="")]
                 )  # fmt: skip
         k = self.rms.shape[1]
         lines = [
@@ -129,10 +131,6 @@ class CSPResult:
         return out
 
 
-def _fmt(x: float) -> str:
-    return "" if np.isnan(x) else f"{x:.5f}"
-
-
 def evaluate_csp(
     model,
     targets: list[Structure],
@@ -148,9 +146,9 @@ def evaluate_csp(
     description: str = "",
 ) -> CSPResult:
     """Sample k structures per target composition and match them against the target."""
-    from crystal_gpt.data.cache import parallel_map
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
+    from crystal_gpt.utils import parallel_map
 
     if k < 1:
         raise ValueError("k must be at least 1")

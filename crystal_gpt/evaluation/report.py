@@ -26,24 +26,13 @@ from crystal_gpt.evaluation.metrics import (
     spacegroup_histogram,
     sun_rates,
 )
+from crystal_gpt.utils import fmt
 
 if TYPE_CHECKING:
     from crystal_gpt.evaluation.suite import Evaluation
 
 SYSTEMS = CRYSTAL_SYSTEMS
 LATTICE_LABELS = ("a (A)", "b (A)", "c (A)", "alpha (deg)", "beta (deg)", "gamma (deg)")
-
-
-def _fmt(x, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +172,9 @@ def _metric_rows(m: dict) -> tuple[list[str], list[list[str]]]:
         table.append(
             [
                 label,
-                _fmt(ours, digits),
+                fmt(ours, digits),
                 proto,
-                *[_fmt(pub.get(key), digits) for pub in published.values()],
+                *[fmt(pub.get(key), digits) for pub in published.values()],
             ]
         )
     return header, table
@@ -199,16 +188,16 @@ def _stability_rows(stability: dict, ev: Evaluation) -> list[list[str]]:
     rows = []
     for k, val in stability.items():
         if isinstance(val, float) and k.startswith(_SHARE_KEYS):
-            rows.append([f"{k} %", _fmt(100 * val, 2)])
+            rows.append([f"{k} %", fmt(100 * val, 2)])
         elif isinstance(val, bool | int | float | str) or val is None:
-            rows.append([k, _fmt(val, 4)])
+            rows.append([k, fmt(val, 4)])
         elif isinstance(val, dict) and val and k != "protocol":
             rows.append([k, ", ".join(f"{a}: {b}" for a, b in val.items())])
     e = stability.get("e_above_hull")
     if e is not None and ev.unique is not None and len(e) == len(ev.unique):
         for k, val in sun_rates(e, ev.unique, ev.novel).items():
             rows.append(
-                [f"S.U.N. % (E_hull <= {k[4:]} eV/atom, unique, novel; / all)", _fmt(100 * val, 2)]
+                [f"S.U.N. % (E_hull <= {k[4:]} eV/atom, unique, novel; / all)", fmt(100 * val, 2)]
             )
     return rows
 
@@ -247,22 +236,22 @@ def _blocks(ev: Evaluation, plots: dict[str, str], stability: dict | None) -> li
     b.append(("table", header, rows))
     v = m["validity"]
     extra = (
-        f"Constructed {_fmt(v['constructed'])}%, valid (struct and comp and fingerprint) "
-        f"{_fmt(v['valid'])}%, fingerprint failures {v['fingerprint_failures']}. "
-        f"The reference split itself: struct {_fmt(m['reference_self']['struct_valid'])}%, "
-        f"comp {_fmt(m['reference_self']['comp_valid'])}% (the ceiling for comp)."
+        f"Constructed {fmt(v['constructed'])}%, valid (struct and comp and fingerprint) "
+        f"{fmt(v['valid'])}%, fingerprint failures {v['fingerprint_failures']}. "
+        f"The reference split itself: struct {fmt(m['reference_self']['struct_valid'])}%, "
+        f"comp {fmt(m['reference_self']['comp_valid'])}% (the ceiling for comp)."
     )
     if "struct_valid_counting_unreadable" in v:
         extra += (
             f" Counting unreadable files as invalid (CDVAE's 'not constructed'): struct "
-            f"{_fmt(v['struct_valid_counting_unreadable'])}%, comp "
-            f"{_fmt(v['comp_valid_counting_unreadable'])}%."
+            f"{fmt(v['struct_valid_counting_unreadable'])}%, comp "
+            f"{fmt(v['comp_valid_counting_unreadable'])}%."
         )
     c = m["coverage"]
     extra += (
-        f" Mean nearest distances: AMSD-R {_fmt(c['amsd_recall'], 3)}, AMSD-P "
-        f"{_fmt(c['amsd_precision'], 3)}, AMCD-R {_fmt(c['amcd_recall'], 3)}, AMCD-P "
-        f"{_fmt(c['amcd_precision'], 3)}."
+        f" Mean nearest distances: AMSD-R {fmt(c['amsd_recall'], 3)}, AMSD-P "
+        f"{fmt(c['amsd_precision'], 3)}, AMCD-R {fmt(c['amcd_recall'], 3)}, AMCD-P "
+        f"{fmt(c['amcd_precision'], 3)}."
     )
     b.append(("p", extra))
     un = m.get("uniqueness_novelty")
@@ -273,15 +262,15 @@ def _blocks(ev: Evaluation, plots: dict[str, str], stability: dict | None) -> li
                 "table",
                 ["metric", "ours", "protocol"],
                 [
-                    ["Unique %", _fmt(un["unique"]), m["protocol"]["uniqueness"]],
+                    ["Unique %", fmt(un["unique"]), m["protocol"]["uniqueness"]],
                     [
                         "Novel %",
-                        _fmt(un["novel"]),
+                        fmt(un["novel"]),
                         f"vs {m['dataset']} {un['train_split']} ({un['train_crystals']} crystals)",
                     ],
-                    ["Unique and novel %", _fmt(un["unique_and_novel"]), "/ all crystals"],
-                    ["Valid, unique and novel %", _fmt(un["valid_unique_novel"]), "/ all crystals"],
-                    ["P1 share of novel %", _fmt(un["novel_p1_share"]), "WyFormer's 'P1 %'"],
+                    ["Unique and novel %", fmt(un["unique_and_novel"]), "/ all crystals"],
+                    ["Valid, unique and novel %", fmt(un["valid_unique_novel"]), "/ all crystals"],
+                    ["P1 share of novel %", fmt(un["novel_p1_share"]), "WyFormer's 'P1 %'"],
                 ],
             )
         )
@@ -294,8 +283,8 @@ def _blocks(ev: Evaluation, plots: dict[str, str], stability: dict | None) -> li
             [
                 [
                     "P1 share %",
-                    _fmt(sy["p1_share"]),
-                    _fmt(sy["p1_share_reference"]),
+                    fmt(sy["p1_share"]),
+                    fmt(sy["p1_share_reference"]),
                     m["protocol"]["symmetry"],
                 ],
                 [
@@ -306,7 +295,7 @@ def _blocks(ev: Evaluation, plots: dict[str, str], stability: dict | None) -> li
                 ],
                 [
                     "space-group total variation distance %",
-                    _fmt(sy["spacegroup_tvd"]),
+                    fmt(sy["spacegroup_tvd"]),
                     "",
                     "half the L1 distance of the two distributions over the 230 groups",
                 ],

@@ -32,7 +32,7 @@ import numpy as np
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
-from crystal_gpt.data.cache import cache_dir, parallel_map
+from crystal_gpt.data.cache import cache_dir
 from crystal_gpt.data.datasets import (
     DATASETS,
     DatasetError,
@@ -55,6 +55,7 @@ from crystal_gpt.evaluation.metrics import (
     unique_mask,
     wasserstein,
 )
+from crystal_gpt.utils import atomic_path, parallel_map
 
 FEATURE_VERSION = 1
 SYMPREC = 0.1  # spglib tolerance for the symmetry statistics (the usual choice for generated sets)
@@ -111,10 +112,8 @@ class FeatureTable:
         return FeatureTable(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez_compressed(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
-        os.replace(tmp, path)  # atomic: a killed build never leaves a half-written cache
+        with atomic_path(path, ".npz") as tmp:  # a killed build never leaves a half-written cache
+            np.savez_compressed(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def load(cls, path: Path) -> FeatureTable:
@@ -358,10 +357,8 @@ class TrainingSet:
         self.formula = np.array([got[k] for k in keep], dtype=str)
         self.position = np.array(keep, dtype=np.int64)
         if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-            np.savez_compressed(tmp, formula=self.formula, position=self.position)
-            os.replace(tmp, path)
+            with atomic_path(path, ".npz") as tmp:
+                np.savez_compressed(tmp, formula=self.formula, position=self.position)
 
     def __len__(self) -> int:
         return len(self.formula)

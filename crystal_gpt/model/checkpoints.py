@@ -8,6 +8,7 @@ NAME`` writes one from a training run's ``best.pt``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from crystal_gpt.data.cache import encode_dataset
-from crystal_gpt.model.transformer import CrystalGPT, ModelConfig, spacegroup_prior
+from crystal_gpt.model.distributions import spacegroup_prior
+from crystal_gpt.model.transformer import CrystalGPT, ModelConfig
 
 DEFAULT_MODEL = "mp_20"
 
@@ -33,21 +35,23 @@ def list_models() -> dict[str, dict]:
     return out
 
 
-def load_pretrained(
-    name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu"
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu"
 ) -> CrystalGPT:
-    """A bundled model by name (``crystal-gpt models``), or a checkpoint / bundle file path."""
+    """The one checkpoint loader: a training checkpoint (``best.pt`` / ``last.pt`` of a run), a
+    bundled model file, or a bundled model by name (``crystal-gpt models``)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = _models_dir() / f"{name_or_path}.pt"
     if not path.is_file():
         names = ", ".join(list_models()) or "none"
         raise FileNotFoundError(
-            f"no model {name_or_path!r}: not a file, nor a bundled model (bundled: {names})"
+            f"no model {str(name_or_path)!r}: not a file, nor a bundled model (bundled: {names})"
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = state["config"]["model"] if "config" in state else state["model_config"]
     model = CrystalGPT(ModelConfig(**cfg))
+    # bundled weights are float16: back to float32 (a no-op for a training checkpoint)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     model.load_weights(weights)
     model.meta = state.get("meta", {"file": str(path)})

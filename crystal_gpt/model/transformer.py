@@ -34,12 +34,24 @@ from crystal_gpt.data.symmetry import (
     get_tables,
     lattice_points,
 )
+from crystal_gpt.model.distributions import (
+    lattice_features,
+    lattice_used,
+    pack_free,
+    von_mises_mixture_logpdf,
+)
 
 NUM_ELEMENTS = 119  # index 0 = no element (end of sequence), 1..118 = atomic number
-LOG_2PI = math.log(2 * math.pi)
 # free lattice parameters per crystal system index
 LATTICE_DIMS = tuple(len(LATTICE_FREE_PARAMS[system]) for system in CRYSTAL_SYSTEMS)
 PARTS = ("g", "W", "A", "X", "L")
+# parameter names of earlier checkpoints -> present names
+_RENAMED = {"out_w": "emb_chosen_letter", "out_a": "emb_chosen_element"}
+
+
+def _present_name(key: str) -> str:
+    module, dot, rest = key.partition(".")
+    return _RENAMED.get(module, module) + dot + rest
 
 
 @dataclass
@@ -186,29 +198,6 @@ def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
-def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
-    """log density on [0, 1) of a mixture of von Mises in angle 2 pi x; params (..., 3K)."""
-    logits, mu, raw_kappa = params.chunk(3, dim=-1)
-    kappa = F.softplus(raw_kappa) + 1e-3
-    theta = 2 * math.pi * x.unsqueeze(-1)
-    # log I0(k) = log(i0e(k)) + k keeps large concentrations finite
-    log_vm = kappa * (torch.cos(theta - mu) - 1) - torch.log(torch.special.i0e(kappa)) - LOG_2PI
-    return torch.logsumexp(F.log_softmax(logits, -1) + log_vm, dim=-1) + LOG_2PI
-
-
-def von_mises_mixture_sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    logits, mu, raw_kappa = params.chunk(3, dim=-1)
-    kappa = F.softplus(raw_kappa) + 1e-3
-    comp = torch.multinomial(
-        F.softmax(logits.float(), -1).reshape(-1, logits.shape[-1]), 1, generator=generator
-    )
-    comp = comp.view((*logits.shape[:-1], 1))
-    m = mu.gather(-1, comp).squeeze(-1)
-    k = kappa.gather(-1, comp).squeeze(-1)
-    theta = torch.distributions.VonMises(m.double(), k.double()).sample().float()
-    return torch.remainder(theta / (2 * math.pi), 1.0)
-
-
 class CrystalGPT(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -233,9 +222,9 @@ class CrystalGPT(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.head_w = nn.Linear(d, L1)
-        self.out_w = nn.Embedding(231 * L1, d)  # the chosen letter, fed to A and X heads
+        self.emb_chosen_letter = nn.Embedding(231 * L1, d)  # fed to the A and X heads
         self.head_a = mlp(d, d, NUM_ELEMENTS)
-        self.out_a = nn.Embedding(NUM_ELEMENTS, d)
+        self.emb_chosen_element = nn.Embedding(NUM_ELEMENTS, d)  # fed to the X heads
         K = c.coord_mixtures
         self.head_x = nn.ModuleList(mlp(d + j * 2 * c.fourier_freqs, d, 3 * K) for j in range(3))
         self.lattice_ctx = mlp(2 * d, d, d)
@@ -259,7 +248,9 @@ class CrystalGPT(nn.Module):
         self.register_buffer("atoms_range", torch.tensor([1, 10**6]))  # per primitive cell
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
-        """load_state_dict that accepts checkpoints written before the training-range buffers."""
+        """load_state_dict that accepts checkpoints written before the training-range buffers
+        and before the chosen-letter / chosen-element embeddings had their present names."""
+        state = {_present_name(k): v for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = set(missing) - {"seen_elements", "atoms_range"}
         if missing or unexpected:
@@ -362,7 +353,7 @@ class CrystalGPT(nn.Module):
 
     def x_params(self, ctx: Tensor, a: Tensor, x_prev: Tensor, j: int) -> Tensor:
         """Mixture parameters of coordinate j given the site context and coordinates < j."""
-        inp = ctx + self.out_a(a)
+        inp = ctx + self.emb_chosen_element(a)
         if j:
             inp = torch.cat([inp, fourier(x_prev[..., :j], self.config.fourier_freqs)], dim=-1)
         return self.head_x[j](inp)
@@ -389,7 +380,7 @@ class CrystalGPT(nn.Module):
         exact earlier coordinates (fixed and tied ones included), as in training.
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
-        ctx = h + self.out_w(self._gw_index(g, w))
+        ctx = h + self.emb_chosen_letter(self._gw_index(g, w))
         z = torch.arange(NUM_ELEMENTS, device=h.device)
         same_letter = (~first) & (w == prev_w)
         legal = (z > 0) & ~(same_letter.unsqueeze(-1) & (z < prev_a.unsqueeze(-1)))
@@ -426,10 +417,10 @@ class CrystalGPT(nn.Module):
         """Full (a,b,c,al,be,ga) -> standardised free parameters (B, 6, zero-padded) and
         log|det d(standardised)/d(free params)| (B,)."""
         system = self.sym.crystal_system[g]
-        z, logdet = _lattice_features(lattice, system, num_atoms)
+        z, logdet = lattice_features(lattice, system, num_atoms)
         mean, std = self.lat_mean[system], self.lat_std[system]
         z = (z - mean) / std
-        used = _lattice_used(system)
+        used = lattice_used(system)
         logdet = logdet - (torch.log(std) * used).sum(-1)
         return z * used, logdet
 
@@ -453,7 +444,7 @@ class CrystalGPT(nn.Module):
         for n, flow in self.flows.items():
             sel = dims == int(n)
             if sel.any():
-                zs = _pack_used(z[sel], system[sel], int(n))
+                zs = pack_free(z[sel], system[sel], int(n))
                 dist = flow(ctx[sel])
                 lp[sel] = dist.log_prob(zs)
                 if noise:
@@ -553,11 +544,13 @@ class CrystalGPT(nn.Module):
         Each structure is encoded (Wyckoff representation, ``symprec``) and scored in its
         canonical site order; ``per_atom`` divides by the atoms of the conventional cell.
         """
-        from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches, crystals_to_encoded
+        from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
+        from crystal_gpt.data.cache import EncodedDataset
         from crystal_gpt.data.codec import encode
 
         data = PaddedCrystals(
-            crystals_to_encoded([encode(s, symprec) for s in structures]), self.config.max_sites
+            EncodedDataset.from_crystals([encode(s, symprec) for s in structures]),
+            self.config.max_sites,
         )
         device = next(self.parameters()).device
         was_training = self.training
@@ -575,9 +568,9 @@ class CrystalGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str = "mp_20", device: str = "cpu") -> CrystalGPT:
         """A bundled model by name (``crystal-gpt models``) or a checkpoint path."""
-        from crystal_gpt.model.checkpoints import load_pretrained
+        from crystal_gpt.model.checkpoints import load_model
 
-        return load_pretrained(name_or_path, device)
+        return load_model(name_or_path, device)
 
     def sample(
         self,
@@ -626,95 +619,3 @@ class CrystalGPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# ---------------------------------------------------------------- lattice helpers
-# Which of (a, b, c, alpha, beta, gamma) each crystal system leaves free, by system index.
-_PARAM_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
-_USED = torch.tensor(
-    [[name in LATTICE_FREE_PARAMS[system] for name in _PARAM_NAMES] for system in CRYSTAL_SYSTEMS]
-)
-
-
-def _lattice_used(system: Tensor) -> Tensor:
-    return _USED.to(system.device)[system].float()
-
-
-def _lattice_features(lattice: Tensor, system: Tensor, num_atoms: Tensor) -> tuple[Tensor, Tensor]:
-    """log(length / N^(1/3)) and logit(angle / 180); log-Jacobian over the free parameters."""
-    used = _lattice_used(system)
-    lengths, angles = lattice[:, :3], lattice[:, 3:]
-    z_len = torch.log(lengths) - torch.log(num_atoms.float()).unsqueeze(-1) / 3
-    p = (angles / 180.0).clamp(1e-6, 1 - 1e-6)
-    z_ang = torch.log(p) - torch.log1p(-p)
-    jac_len = -torch.log(lengths)
-    jac_ang = -math.log(180.0) - torch.log(p) - torch.log1p(-p)
-    z = torch.cat([z_len, z_ang], dim=-1)
-    logdet = (torch.cat([jac_len, jac_ang], dim=-1) * used).sum(-1)
-    return z, logdet
-
-
-def _pack_used(z: Tensor, system: Tensor, n: int) -> Tensor:
-    """Select the free columns (same count n for every row) in order."""
-    used = _USED.to(z.device)[system]
-    return z[used].view(-1, n)
-
-
-def _unpack_used(zs: Tensor, system: Tensor) -> Tensor:
-    out = torch.zeros(len(zs), 6, device=zs.device, dtype=zs.dtype)
-    used = _USED.to(zs.device)[system]
-    out[used] = zs.reshape(-1)
-    return out
-
-
-def lattice_statistics(data) -> tuple[Tensor, Tensor]:
-    """Mean and std of the lattice features per crystal system (7, 6), from training data.
-
-    ``data`` has ``.lattice`` (N, 6), ``.g`` (N,) and ``.num_atoms`` (N,). Systems with fewer
-    than 10 crystals use the statistics of all crystals.
-    """
-    system = torch.as_tensor(get_tables().crystal_system.astype("int64"))[torch.as_tensor(data.g)]
-    z, _ = _lattice_features(
-        torch.as_tensor(data.lattice, dtype=torch.float32), system, torch.as_tensor(data.num_atoms)
-    )
-    mean = z.mean(0).expand(7, 6).clone()
-    std = z.std(0).clamp(min=1e-2).expand(7, 6).clone() if len(z) > 1 else torch.ones(7, 6)
-    for s in range(7):
-        sel = system == s
-        if int(sel.sum()) >= 10:
-            mean[s] = z[sel].mean(0)
-            std[s] = z[sel].std(0).clamp(min=1e-2)
-    return mean, std
-
-
-def spacegroup_prior(g: np.ndarray | Tensor, smoothing: float = 0.5) -> Tensor:
-    """Log-frequencies of the training space groups (add-``smoothing``): the maximum-likelihood
-    P(g) without conditions, a starting point a single logit vector would take thousands of
-    optimiser steps to reach."""
-    counts = torch.bincount(torch.as_tensor(np.asarray(g), dtype=torch.long), minlength=231)
-    counts = counts[:231].float()
-    counts[1:] += smoothing
-    counts[0] = 0.0
-    logp = torch.log(counts / counts.sum())
-    logp[0] = 0.0  # index 0 is not a group; masked out in g_logprob
-    return logp
-
-
-def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tensor:
-    """Inverse of the feature map: free features (B, 6) -> full (a, b, c, alpha, beta, gamma)."""
-    lengths = torch.exp(z[:, :3] + torch.log(num_atoms.float()).unsqueeze(-1) / 3)
-    angles = 180.0 * torch.sigmoid(z[:, 3:])
-    used = _USED.to(z.device)[system]
-    # tie the dependent parameters to the free ones
-    a = lengths[:, 0]
-    b = torch.where(used[:, 1], lengths[:, 1], a)
-    c = torch.where(used[:, 2], lengths[:, 2], a)
-    sys_hex = (system == 4) | (system == 5)
-    alpha = torch.where(used[:, 3], angles[:, 0], torch.full_like(a, 90.0))
-    beta = torch.where(used[:, 4], angles[:, 1], torch.full_like(a, 90.0))
-    gamma = torch.where(
-        used[:, 5],
-        angles[:, 2],
-        torch.where(sys_hex, torch.full_like(a, 120.0), torch.full_like(a, 90.0)),
-    )
-    return torch.stack([a, b, c, alpha, beta, gamma], dim=-1)

@@ -21,13 +21,15 @@ from crystal_gpt.data.codec import (
     reduce_lattice_parameters,
 )
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
+from crystal_gpt.model.distributions import (
+    lattice_from_features,
+    unpack_free,
+    von_mises_mixture_sample,
+)
 from crystal_gpt.model.transformer import (
     LATTICE_DIMS,
     NUM_ELEMENTS,
     CrystalGPT,
-    _unpack_used,
-    lattice_from_features,
-    von_mises_mixture_sample,
 )
 from crystal_gpt.sampling.constraints import (
     ConstraintError,
@@ -534,7 +536,7 @@ def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
         sel = dims == int(key)
         if sel.any():
             zs = flow(ctx[sel]).sample()
-            z[sel] = _unpack_used(zs, system[sel])
+            z[sel] = unpack_free(zs, system[sel])
     mean, std = model.lat_mean[system], model.lat_std[system]
     z = z * std + mean
     return lattice_from_features(z, system, n_atoms)

@@ -1,0 +1,377 @@
+"""The CHGNet reference convex hull of a dataset, and energies above it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition, Element, Lattice, Structure
+
+from crystal_gpt.data.cache import cache_dir
+from crystal_gpt.evaluation.stability.potential import potential_tag
+from crystal_gpt.evaluation.stability.relaxation import (
+    DEFAULT_FMAX,
+    DEFAULT_STEPS,
+    relax_structures,
+    single_point_energies,
+)
+from crystal_gpt.utils import atomic_path
+
+ELEMENT_FMAX = 0.05  # elemental references are tiny cells: relax them tighter
+HULL_SPLITS = ("train", "holdout", "test")
+HULL_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- elemental references
+
+
+def element_structure(symbol: str) -> Structure | None:
+    """The ground-state structure ``ase.build.bulk`` knows for an element (None if it has
+    none: molecular solids such as O2, N2, halogens, and elements with a multi-atom basis)."""
+    from ase.build import bulk
+    from ase.data import atomic_numbers, reference_states
+
+    try:
+        atoms = bulk(symbol)
+    except Exception:
+        ref = reference_states[atomic_numbers[symbol]] if symbol in atomic_numbers else None
+        # alpha-Pa is body-centred tetragonal, which ase stores as plain "tetragonal"
+        if not ref or ref.get("symmetry") != "tetragonal" or "basis" in ref or "c/a" not in ref:
+            return None
+        try:
+            atoms = bulk(symbol, "bct", a=ref["a"], c=ref["a"] * ref["c/a"])
+        except Exception:
+            return None
+    return Structure(
+        Lattice(np.array(atoms.cell)), atoms.get_chemical_symbols(), atoms.get_scaled_positions()
+    )
+
+
+# --------------------------------------------------------------------------- the hull
+
+
+def hull_path(dataset: str) -> Path:
+    """Where ``crystal-gpt hull build`` stores a dataset's CHGNet reference hull."""
+    return cache_dir() / "hull" / f"{Path(dataset).name.removesuffix('.gz')}_chgnet.json"
+
+
+@dataclass
+class ReferenceHull:
+    """Known crystals with CHGNet energies; E_hull of new crystals against their convex hull.
+
+    Per chemical system, a pymatgen ``PhaseDiagram`` is built from the lowest-energy entry of
+    every reduced formula whose elements are a subset of the system, and cached.
+    """
+
+    ids: list[str]
+    formulas: list[str]  # Composition.formula of each reference cell
+    energy_per_atom: np.ndarray
+    sources: list[str]  # dataset split, "data" or "ase-bulk"
+    meta: dict = field(default_factory=dict)
+    last_missing: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.energy_per_atom = np.asarray(self.energy_per_atom, dtype=float)
+        best: dict[str, tuple[float, int, Composition]] = {}
+        with warnings.catch_warnings():  # pymatgen: "no Pauling electronegativity for He"
+            warnings.simplefilter("ignore", UserWarning)
+            for i, (f, e) in enumerate(zip(self.formulas, self.energy_per_atom, strict=True)):
+                if not math.isfinite(e):
+                    continue
+                comp = Composition(f)
+                red = comp.reduced_formula
+                if red not in best or e < best[red][0]:
+                    best[red] = (float(e), i, comp)
+        self._by_system: dict[frozenset[str], list[PDEntry]] = {}
+        for e, i, comp in best.values():
+            system = frozenset(el.symbol for el in comp.elements)
+            entry = PDEntry(comp, e * comp.num_atoms, name=self.ids[i])
+            self._by_system.setdefault(system, []).append(entry)
+        self.elements = frozenset(next(iter(s)) for s in self._by_system if len(s) == 1)
+        self._diagrams: dict[frozenset[str], PhaseDiagram] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ---- building
+
+    @classmethod
+    def from_structures(
+        cls,
+        structures: Sequence[Structure],
+        ids: Sequence[str] | None = None,
+        sources: Sequence[str] | None = None,
+        *,
+        elements: Iterable[str] | None = None,
+        relax_steps: int = 0,
+        workers: int = 1,
+        cache: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> ReferenceHull:
+        """A hull from known (already relaxed) crystals plus relaxed ``ase`` elemental references
+        for ``elements`` (default: every element of the crystals).
+
+        ``relax_steps`` = 0 takes CHGNet single points at the given geometries; > 0 relaxes them
+        (resumable through ``cache``, a folder).
+        """
+        t0 = time.perf_counter()
+        structures = list(structures)
+        ids = list(ids) if ids is not None else [f"ref-{i}" for i in range(len(structures))]
+        sources = list(sources) if sources is not None else ["data"] * len(structures)
+        cache_folder = Path(cache) if cache is not None else None
+        if relax_steps > 0:
+            res = relax_structures(
+                structures,
+                steps=relax_steps,
+                workers=workers,
+                progress=progress,
+                cache=None if cache_folder is None else cache_folder / f"relax{relax_steps}.jsonl",
+            )
+            energies = np.array([r.energy_per_atom for r in res])
+            errors = [r.error for r in res]
+        else:
+            energies, errors = single_point_energies(structures, workers=workers, progress=progress)
+        wanted = sorted(
+            set(elements)
+            if elements is not None
+            else {el.symbol for s in structures for el in s.composition.elements},
+            key=lambda sym: Element(sym).Z,
+        )
+        built = {sym: element_structure(sym) for sym in wanted}
+        buildable = [sym for sym in wanted if built[sym] is not None]
+        elem_res = relax_structures(
+            [built[sym] for sym in buildable],
+            steps=DEFAULT_STEPS,
+            fmax=ELEMENT_FMAX,
+            workers=workers,
+            progress=progress,
+            cache=None if cache_folder is None else cache_folder / "elements.jsonl",
+        )
+        all_ids = [*ids, *(f"ase-bulk-{sym}" for sym in buildable)]
+        all_formulas = [
+            *(s.composition.formula for s in structures),
+            *(built[sym].composition.formula for sym in buildable),  # type: ignore[union-attr]
+        ]
+        all_e = np.concatenate([energies, [r.energy_per_atom for r in elem_res]])
+        all_sources = [*sources, *(["ase-bulk"] * len(buildable))]
+        failed = [
+            {"id": i, "error": err}
+            for i, err in zip(all_ids, [*errors, *(r.error for r in elem_res)], strict=True)
+            if err is not None
+        ]
+        keep = np.isfinite(all_e)
+        data_elements = {
+            next(iter(s.composition.elements)).symbol
+            for s, e in zip(structures, energies, strict=True)
+            if len(s.composition.elements) == 1 and math.isfinite(e)
+        }
+        ase_ok = {sym for sym, r in zip(buildable, elem_res, strict=True) if r.ok}
+        meta = {
+            "format": HULL_FORMAT,
+            "potential": potential_tag(),
+            "reference_energies": (
+                f"relaxed, steps<={relax_steps}, fmax={DEFAULT_FMAX}"
+                if relax_steps > 0
+                else "single points at the given (DFT-relaxed) geometries"
+            ),
+            "element_energies": f"ase.build.bulk relaxed, steps<={DEFAULT_STEPS}, "
+            f"fmax={ELEMENT_FMAX}; plus single-element crystals of the data",
+            "n_crystals": len(structures),
+            "n_failed": len(failed),
+            "failed": failed[:200],
+            "elements_from_ase": sorted(ase_ok, key=lambda s: Element(s).Z),
+            "elements_from_data_only": sorted(data_elements - ase_ok, key=lambda s: Element(s).Z),
+            "elements_without_reference": [s for s in wanted if s not in ase_ok | data_elements],
+            "build_seconds": round(time.perf_counter() - t0, 1),
+        }
+        return cls(
+            ids=[i for i, k in zip(all_ids, keep, strict=True) if k],
+            formulas=[f for f, k in zip(all_formulas, keep, strict=True) if k],
+            energy_per_atom=all_e[keep],
+            sources=[s for s, k in zip(all_sources, keep, strict=True) if k],
+            meta=meta,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        dataset: str = "mp_20",
+        splits: Sequence[str] = HULL_SPLITS,
+        *,
+        workers: int = 1,
+        limit: int | None = None,
+        relax_steps: int = 0,
+        path: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> ReferenceHull:
+        """Build and save the reference hull of a dataset: all crystals of ``splits`` (default
+        train + holdout + test: the largest reference available, as MatterGen prefers a large
+        hull), ``limit`` crystals per split at most. What ``crystal-gpt hull build`` runs."""
+        from crystal_gpt.data.datasets import load_dataset
+
+        t0 = time.perf_counter()
+        structures, ids, sources = [], [], []
+        for split in splits:
+            ds = load_dataset(dataset, split, limit=limit)
+            for r in ds:
+                structures.append(r.structure)
+                ids.append(str(r.id))
+                sources.append(split)
+        out = Path(path) if path is not None else hull_path(dataset)
+        hull = cls.from_structures(
+            structures,
+            ids,
+            sources,
+            relax_steps=relax_steps,
+            workers=workers,
+            cache=out.parent / f"{out.stem}_work",
+            progress=progress,
+        )
+        hull.meta.update(
+            dataset=dataset,
+            splits=list(splits),
+            limit=limit,
+            build_seconds=round(time.perf_counter() - t0, 1),
+        )
+        hull.save(out)
+        return hull
+
+    # ---- storage
+
+    def save(self, path: str | os.PathLike) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "meta": self.meta,
+            "ids": self.ids,
+            "formulas": self.formulas,
+            "energy_per_atom": [round(float(e), 6) for e in self.energy_per_atom],
+            "sources": self.sources,
+        }
+        with atomic_path(p) as tmp:  # never a half-written hull
+            tmp.write_text(json.dumps(payload), encoding="utf-8")
+        return p
+
+    @classmethod
+    def load(cls, dataset: str = "mp_20", path: str | os.PathLike | None = None) -> ReferenceHull:
+        """The saved hull of a dataset (or a file); says how to build it when it is missing."""
+        p = Path(path) if path is not None else hull_path(dataset)
+        shipped = Path(__file__).parent / "references" / (hull_path(dataset).name + ".gz")
+        if path is None and not p.exists() and shipped.exists():
+            p = shipped  # the mp_20 hull ships with the package (built as below)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"no CHGNet reference hull for {dataset!r} at {p}; build it once with "
+                f"`crystal-gpt hull build --dataset {dataset}` (mp_20: about 10 min on one "
+                "core; needs the eval extra)"
+            )
+        if p.suffix == ".gz":
+            import gzip
+
+            d = json.loads(gzip.decompress(p.read_bytes()).decode("utf-8"))
+        else:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        if d.get("meta", {}).get("format") != HULL_FORMAT:
+            raise ValueError(f"{p} was written by another version: rebuild it")
+        return cls(d["ids"], d["formulas"], np.array(d["energy_per_atom"]), d["sources"], d["meta"])
+
+    # ---- queries
+
+    def describe(self) -> str:
+        """One line for reports: what the hull is made of."""
+        m = self.meta
+        what = m.get("dataset", "given crystals")
+        if m.get("splits"):
+            what += " " + "+".join(m["splits"])
+        if m.get("limit"):
+            what += f" (first {m['limit']} per split)"
+        n_el = len(m.get("elements_from_ase", []))
+        return (
+            f"{m.get('potential', 'CHGNet')} hull of {what}: {m.get('n_crystals', len(self))} "
+            f"crystals ({m.get('reference_energies', '?')}) + {n_el} relaxed ase elemental "
+            f"references; {len(self.elements)} elements referenced"
+        )
+
+    def phase_diagram(self, elements: Iterable[str]) -> PhaseDiagram:
+        """The phase diagram of a chemical system (cached): all reference entries whose
+        elements are a subset of it."""
+        system = frozenset(elements)
+        pd = self._diagrams.get(system)
+        if pd is None:
+            absent = system - self.elements
+            if absent:
+                raise ValueError(f"no elemental reference for {', '.join(sorted(absent))}")
+            if len(system) <= 12:
+                subsystems = (
+                    frozenset(c) for k in range(1, len(system) + 1) for c in combinations(system, k)
+                )
+                entries = [e for sub in subsystems for e in self._by_system.get(sub, ())]
+            else:
+                entries = [e for sub, es in self._by_system.items() if sub <= system for e in es]
+            pd = PhaseDiagram(entries)
+            if len(self._diagrams) >= 4096:  # bound the memory of long evaluations
+                self._diagrams.clear()
+            self._diagrams[system] = pd
+        return pd
+
+    def e_above_hull(self, items: Sequence[Any]) -> np.ndarray:
+        """Energy above the hull (eV/atom) of each item: a pymatgen entry (``PDEntry``,
+        ``ComputedEntry``: total energy) or a ``(structure | composition | formula,
+        energy_per_atom)`` pair. Negative: below the reference hull (a new stable phase).
+        NaN where the energy is NaN or an element has no reference; the missing elements are
+        warned about and kept in ``last_missing`` (element -> crystals)."""
+        out = np.full(len(items), np.nan)
+        missing: Counter[str] = Counter()
+        for i, item in enumerate(items):
+            if hasattr(item, "composition") and hasattr(item, "energy"):
+                comp = Composition(item.composition)
+                e_atom = float(item.energy) / comp.num_atoms
+            else:
+                what, e_atom = item
+                comp = what.composition if isinstance(what, Structure) else Composition(what)
+                e_atom = float(e_atom)
+            if not math.isfinite(e_atom) or comp.num_atoms == 0:
+                continue
+            comp = comp.element_composition  # oxidation states (Li+) play no part in a hull
+            system = frozenset(el.symbol for el in comp.elements)
+            absent = system - self.elements
+            if absent:
+                missing.update(absent)
+                continue
+            pd = self.phase_diagram(system)
+            entry = PDEntry(comp, e_atom * comp.num_atoms)
+            _, e_hull = pd.get_decomp_and_e_above_hull(
+                entry, allow_negative=True, check_stable=False
+            )
+            out[i] = np.nan if e_hull is None else float(e_hull)
+        self.last_missing = dict(missing)
+        if missing:
+            warnings.warn(
+                "E_hull is NaN for crystals with elements that have no reference in this hull: "
+                + ", ".join(f"{el} ({n})" for el, n in sorted(missing.items())),
+                stacklevel=2,
+            )
+        return out
+
+    def summary(self) -> str:
+        m = self.meta
+        lines = [
+            self.describe(),
+            f"entries {len(self)} ({len(self._by_system)} chemical systems), failed "
+            f"{m.get('n_failed', 0)}, built in {m.get('build_seconds', float('nan')):.0f} s",
+            f"elemental references from ase: {len(m.get('elements_from_ase', []))}; from the data "
+            f"only: {', '.join(m.get('elements_from_data_only', [])) or '-'}; none: "
+            f"{', '.join(m.get('elements_without_reference', [])) or '-'}",
+        ]
+        return "\n".join(lines)

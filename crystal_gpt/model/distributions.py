@@ -1,0 +1,144 @@
+"""The model's distributions, apart from the network that predicts their parameters.
+
+Coordinates: a mixture of von Mises distributions on [0, 1) (angle 2 pi x), its density and the
+draw the sampler makes. Lattice: the change of variables between a conventional cell
+(a, b, c, alpha, beta, gamma) and the flow's standardised free features, log(length / N^(1/3))
+and logit(angle / 180 deg), with its log-Jacobian; which parameters are free and what the tied
+ones equal is the table ``LATTICE_FREE_PARAMS`` / ``LATTICE_TIES`` of ``data.symmetry``.
+Space group: the smoothed training histogram that initialises P(g).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crystal_gpt.data.symmetry import (
+    CRYSTAL_SYSTEMS,
+    LATTICE_FREE_PARAMS,
+    LATTICE_PARAMS,
+    LATTICE_TIES,
+    get_tables,
+)
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------- coordinates
+def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
+    """log density on [0, 1) of a mixture of von Mises in angle 2 pi x; params (..., 3K)."""
+    logits, mu, raw_kappa = params.chunk(3, dim=-1)
+    kappa = F.softplus(raw_kappa) + 1e-3
+    theta = 2 * math.pi * x.unsqueeze(-1)
+    # log I0(k) = log(i0e(k)) + k keeps large concentrations finite
+    log_vm = kappa * (torch.cos(theta - mu) - 1) - torch.log(torch.special.i0e(kappa)) - LOG_2PI
+    return torch.logsumexp(F.log_softmax(logits, -1) + log_vm, dim=-1) + LOG_2PI
+
+
+def von_mises_mixture_sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    logits, mu, raw_kappa = params.chunk(3, dim=-1)
+    kappa = F.softplus(raw_kappa) + 1e-3
+    comp = torch.multinomial(
+        F.softmax(logits.float(), -1).reshape(-1, logits.shape[-1]), 1, generator=generator
+    )
+    comp = comp.view((*logits.shape[:-1], 1))
+    m = mu.gather(-1, comp).squeeze(-1)
+    k = kappa.gather(-1, comp).squeeze(-1)
+    theta = torch.distributions.VonMises(m.double(), k.double()).sample().float()
+    return torch.remainder(theta / (2 * math.pi), 1.0)
+
+
+# ---------------------------------------------------------------- lattice
+# By crystal-system index: which of (a, b, c, alpha, beta, gamma) are free, and what a parameter
+# that is not free equals (NaN: the length a; else the fixed angle in degrees).
+LATTICE_USED = torch.tensor(
+    [[name in LATTICE_FREE_PARAMS[system] for name in LATTICE_PARAMS] for system in CRYSTAL_SYSTEMS]
+)
+_FILL = torch.tensor(
+    [
+        [float("nan") if tie in (None, "a") else tie for tie in LATTICE_TIES[system]]
+        for system in CRYSTAL_SYSTEMS
+    ]
+)
+
+
+def lattice_used(system: Tensor) -> Tensor:
+    return LATTICE_USED.to(system.device)[system].float()
+
+
+def lattice_features(lattice: Tensor, system: Tensor, num_atoms: Tensor) -> tuple[Tensor, Tensor]:
+    """log(length / N^(1/3)) and logit(angle / 180); log-Jacobian over the free parameters."""
+    used = lattice_used(system)
+    lengths, angles = lattice[:, :3], lattice[:, 3:]
+    z_len = torch.log(lengths) - torch.log(num_atoms.float()).unsqueeze(-1) / 3
+    p = (angles / 180.0).clamp(1e-6, 1 - 1e-6)
+    z_ang = torch.log(p) - torch.log1p(-p)
+    jac_len = -torch.log(lengths)
+    jac_ang = -math.log(180.0) - torch.log(p) - torch.log1p(-p)
+    z = torch.cat([z_len, z_ang], dim=-1)
+    logdet = (torch.cat([jac_len, jac_ang], dim=-1) * used).sum(-1)
+    return z, logdet
+
+
+def pack_free(z: Tensor, system: Tensor, n: int) -> Tensor:
+    """Select the free columns (same count n for every row) in order."""
+    used = LATTICE_USED.to(z.device)[system]
+    return z[used].view(-1, n)
+
+
+def unpack_free(zs: Tensor, system: Tensor) -> Tensor:
+    """Inverse of ``pack_free``: (B, n) free columns -> (B, 6), zeros elsewhere."""
+    out = torch.zeros(len(zs), 6, device=zs.device, dtype=zs.dtype)
+    used = LATTICE_USED.to(zs.device)[system]
+    out[used] = zs.reshape(-1)
+    return out
+
+
+def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tensor:
+    """Inverse of the feature map: free features (B, 6) -> full (a, b, c, alpha, beta, gamma),
+    the parameters the crystal system ties filled in from ``LATTICE_TIES``."""
+    lengths = torch.exp(z[:, :3] + torch.log(num_atoms.float()).unsqueeze(-1) / 3)
+    angles = 180.0 * torch.sigmoid(z[:, 3:])
+    params = torch.cat([lengths, angles], dim=-1)
+    used = LATTICE_USED.to(z.device)[system]
+    fill = _FILL.to(device=z.device, dtype=params.dtype)[system]
+    fill = torch.where(fill.isnan(), params[:, :1].expand_as(fill), fill)
+    return torch.where(used, params, fill)
+
+
+def lattice_statistics(data) -> tuple[Tensor, Tensor]:
+    """Mean and std of the lattice features per crystal system (7, 6), from training data.
+
+    ``data`` has ``.lattice`` (N, 6), ``.g`` (N,) and ``.num_atoms`` (N,). Systems with fewer
+    than 10 crystals use the statistics of all crystals.
+    """
+    system = torch.as_tensor(get_tables().crystal_system.astype("int64"))[torch.as_tensor(data.g)]
+    z, _ = lattice_features(
+        torch.as_tensor(data.lattice, dtype=torch.float32), system, torch.as_tensor(data.num_atoms)
+    )
+    mean = z.mean(0).expand(7, 6).clone()
+    std = z.std(0).clamp(min=1e-2).expand(7, 6).clone() if len(z) > 1 else torch.ones(7, 6)
+    for s in range(7):
+        sel = system == s
+        if int(sel.sum()) >= 10:
+            mean[s] = z[sel].mean(0)
+            std[s] = z[sel].std(0).clamp(min=1e-2)
+    return mean, std
+
+
+# ---------------------------------------------------------------- space group
+def spacegroup_prior(g: np.ndarray | Tensor, smoothing: float = 0.5) -> Tensor:
+    """Log-frequencies of the training space groups (add-``smoothing``): the maximum-likelihood
+    P(g) without conditions, a starting point a single logit vector would take thousands of
+    optimiser steps to reach."""
+    counts = torch.bincount(torch.as_tensor(np.asarray(g), dtype=torch.long), minlength=231)
+    counts = counts[:231].float()
+    counts[1:] += smoothing
+    counts[0] = 0.0
+    logp = torch.log(counts / counts.sum())
+    logp[0] = 0.0  # index 0 is not a group; masked out in g_logprob
+    return logp
