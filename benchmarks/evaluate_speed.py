@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 
 from crystal_gpt.cli import main as cli_main
-from crystal_gpt.evaluation.suite import _bundled, _cache_path, evaluate
+from crystal_gpt.evaluation.references import _bundled, _cache_path
+from crystal_gpt.evaluation.suite import evaluate
 
 
 def main() -> int:

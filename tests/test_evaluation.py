@@ -14,12 +14,10 @@ pytest.importorskip("matminer")
 
 from crystal_gpt import load_dataset
 from crystal_gpt.evaluation import metrics
-from crystal_gpt.evaluation.suite import (
-    TrainingSet,
-    evaluate,
-    featurize,
-    load_structures,
-)
+from crystal_gpt.evaluation.features import featurize
+from crystal_gpt.evaluation.readers import load_structures
+from crystal_gpt.evaluation.references import TrainingSet
+from crystal_gpt.evaluation.suite import evaluate
 
 
 def rocksalt(a: float = 5.64, species=("Na", "Cl")) -> Structure:

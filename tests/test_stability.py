@@ -13,12 +13,12 @@ from pymatgen.core import Lattice, Structure
 pytest.importorskip("chgnet", reason="needs the eval extra: pip install 'crystal-gpt[eval]'")
 
 from crystal_gpt.evaluation import stability
-from crystal_gpt.evaluation.stability import relaxation
 from crystal_gpt.evaluation.stability import (
     ReferenceHull,
     displacement_rmsd,
     evaluate_stability,
     relax_structures,
+    relaxation,
 )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS
+from crystal_gpt.evaluation.features import SYMPREC
 from crystal_gpt.evaluation.metrics import (
     PUBLISHED_MP20,
     PUBLISHED_OTHER,
@@ -31,7 +32,6 @@ from crystal_gpt.utils import fmt
 if TYPE_CHECKING:
     from crystal_gpt.evaluation.suite import Evaluation
 
-SYSTEMS = CRYSTAL_SYSTEMS
 LATTICE_LABELS = ("a (A)", "b (A)", "c (A)", "alpha (deg)", "beta (deg)", "gamma (deg)")
 
 
@@ -90,7 +90,7 @@ def _plots(ev: Evaluation, out: Path, stability: dict | None) -> dict[str, str]:
         ax.hist(a, bins, density=True, histtype="step", lw=1.6, label="generated")
         ax.set_xlabel(LATTICE_LABELS[j])
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"conventional standard cell (spglib, symprec {ev_symprec()})", fontsize=10)
+    fig.suptitle(f"conventional standard cell (spglib, symprec {SYMPREC})", fontsize=10)
     save(fig, "lattice.png", "Lattice parameters")
 
     hg, hr = spacegroup_histogram(s.spacegroup), spacegroup_histogram(r.spacegroup)
@@ -110,7 +110,7 @@ def _plots(ev: Evaluation, out: Path, stability: dict | None) -> dict[str, str]:
     axes[1].bar(x - 0.2, sys_r, 0.4, label=ref_label)
     axes[1].bar(x + 0.2, sys_g, 0.4, label="generated")
     axes[1].set(xticks=x, ylabel="share", title="crystal systems")
-    axes[1].set_xticklabels(SYSTEMS)
+    axes[1].set_xticklabels(CRYSTAL_SYSTEMS)
     axes[1].legend()
     save(fig, "spacegroups.png", "Space groups")
 
@@ -125,12 +125,6 @@ def _plots(ev: Evaluation, out: Path, stability: dict | None) -> dict[str, str]:
         ax.set(xlabel="energy above hull (eV/atom, clipped at 1)", ylabel="crystals")
         save(fig, "e_above_hull.png", "Energy above hull")
     return files
-
-
-def ev_symprec() -> float:
-    from crystal_gpt.evaluation.suite import SYMPREC
-
-    return SYMPREC
 
 
 # ---------------------------------------------------------------------------------------------

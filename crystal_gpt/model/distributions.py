@@ -25,6 +25,9 @@ from crystal_gpt.data.symmetry import (
     get_tables,
 )
 
+NUM_ELEMENTS = 119  # index 0 = no element (end of sequence), 1..118 = atomic number
+# free lattice parameters per crystal system index
+LATTICE_DIMS = tuple(len(LATTICE_FREE_PARAMS[system]) for system in CRYSTAL_SYSTEMS)
 LOG_2PI = math.log(2 * math.pi)
 
 

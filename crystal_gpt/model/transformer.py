@@ -29,21 +29,18 @@ import zuko
 from torch import Tensor, nn
 
 from crystal_gpt.data.symmetry import (
-    CRYSTAL_SYSTEMS,
-    LATTICE_FREE_PARAMS,
     get_tables,
     lattice_points,
 )
 from crystal_gpt.model.distributions import (
+    LATTICE_DIMS,
+    NUM_ELEMENTS,
     lattice_features,
     lattice_used,
     pack_free,
     von_mises_mixture_logpdf,
 )
 
-NUM_ELEMENTS = 119  # index 0 = no element (end of sequence), 1..118 = atomic number
-# free lattice parameters per crystal system index
-LATTICE_DIMS = tuple(len(LATTICE_FREE_PARAMS[system]) for system in CRYSTAL_SYSTEMS)
 PARTS = ("g", "W", "A", "X", "L")
 # parameter names of earlier checkpoints -> present names
 _RENAMED = {"out_w": "emb_chosen_letter", "out_a": "emb_chosen_element"}

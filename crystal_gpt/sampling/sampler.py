@@ -8,6 +8,7 @@ and the lattice is drawn in the crystal system's free parameters only.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -22,14 +23,11 @@ from crystal_gpt.data.codec import (
 )
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
 from crystal_gpt.model.distributions import (
+    LATTICE_DIMS,
+    NUM_ELEMENTS,
     lattice_from_features,
     unpack_free,
     von_mises_mixture_sample,
-)
-from crystal_gpt.model.transformer import (
-    LATTICE_DIMS,
-    NUM_ELEMENTS,
-    CrystalGPT,
 )
 from crystal_gpt.sampling.constraints import (
     ConstraintError,
@@ -39,13 +37,21 @@ from crystal_gpt.sampling.constraints import (
     make_request,
 )
 
+if TYPE_CHECKING:  # the model imports the sampler (CrystalGPT.sample): no import back
+    from crystal_gpt.model.transformer import CrystalGPT
 
-def _sample_logits(
-    logits: Tensor, decoding: tuple[float, float], gen: torch.Generator | None
-) -> Tensor:
+
+class Shaping(NamedTuple):
+    """How the categorical draws (group, letters, elements) are shaped."""
+
+    temperature: float
+    top_p: float
+
+
+def _sample_logits(logits: Tensor, shaping: Shaping, gen: torch.Generator | None) -> Tensor:
     """Draw from a categorical with (temperature, top_p): nucleus sampling keeps the smallest
     set of most likely outcomes whose probability reaches top_p."""
-    temperature, top_p = decoding
+    temperature, top_p = shaping
     probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -60,11 +66,11 @@ class _Drawer:
     seeded generator; von Mises mixtures (component from the generator, angle from torch's
     seeded global RNG)."""
 
-    def __init__(self, decoding: tuple[float, float], gen: torch.Generator) -> None:
-        self.decoding, self.gen = decoding, gen
+    def __init__(self, shaping: Shaping, gen: torch.Generator) -> None:
+        self.shaping, self.gen = shaping, gen
 
     def categorical(self, logits: Tensor) -> Tensor:
-        return _sample_logits(logits.cpu(), self.decoding, self.gen).to(logits.device)
+        return _sample_logits(logits.cpu(), self.shaping, self.gen).to(logits.device)
 
     def von_mises(self, params: Tensor) -> Tensor:
         return von_mises_mixture_sample(params.cpu(), self.gen).to(params.device)
@@ -248,7 +254,7 @@ def sample_crystals(
                     model,
                     len(todo),
                     spacegroup,
-                    (temperature, top_p),
+                    Shaping(temperature, top_p),
                     gen,
                     device,
                     allowed_a,
@@ -365,7 +371,7 @@ def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
     return None
 
 
-class _Masks:
+class _PlannerMasks:
     """Per-row look-ahead masks for one batch: each crystal's planner and state."""
 
     def __init__(self, planners: list[Planner], g: Tensor, num_letters: int) -> None:
@@ -420,7 +426,7 @@ def _sample_batch(
     model: CrystalGPT,
     B: int,
     spacegroup,
-    decoding: tuple[float, float],
+    shaping: Shaping,
     gen: torch.Generator,
     device,
     allowed_a: Tensor | None,
@@ -432,7 +438,7 @@ def _sample_batch(
     ``required``: elements every crystal must contain (the end is masked until they are).
     Returns the crystals and, per crystal, whether it reached a dead end (to be redrawn)."""
     sym = model.sym
-    drawer = _Drawer(decoding, gen)
+    drawer = _Drawer(shaping, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
     counts = None
     if plans is not None:
@@ -446,10 +452,10 @@ def _sample_batch(
     if getattr(model.config, "condition_on_composition", False):
         cond = model.condition_vector(None, None, counts)
     g_logits = model.g_logits(cond).expand(B, -1).masked_fill(~allowed_g, float("-inf"))
-    g = _sample_logits(g_logits.cpu(), decoding, gen).to(device)
+    g = _sample_logits(g_logits.cpu(), shaping, gen).to(device)
     masks = None
     if plans is not None:
-        masks = _Masks([p for p, _ in plans], g, sym.max_letters)
+        masks = _PlannerMasks([p for p, _ in plans], g, sym.max_letters)
 
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
     tokens = [model.start_token(g, cond)]  # only used without the cache
@@ -485,7 +491,7 @@ def _sample_batch(
         if bool(stuck.any()):
             dead[rows[stuck]] = True
             w_logits[stuck, sym.pad] = 0.0
-        w = _sample_logits(w_logits.cpu(), decoding, gen).to(device)
+        w = _sample_logits(w_logits.cpu(), shaping, gen).to(device)
         ends = w == sym.pad
         if bool(ends.any()):
             h_end[rows[ends]] = h[ends]
