@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def _bundled(path: Path) -> Path:
     (the mp_20 test fingerprints and training formulas: 41 min of CrystalNN on 2 cores). The
     name carries the digest of the source files and settings, so a shipped file is only used
     when it was made from exactly the same data."""
-    shipped = Path(__file__).parent / "references" / path.name
+    shipped = Path(str(resources.files("crystal_gpt") / "references" / path.name))
     return path if path.exists() or not shipped.exists() else shipped
 
 

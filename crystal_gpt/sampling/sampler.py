@@ -147,7 +147,7 @@ def sample_crystals(
     ``top_p`` shape the categorical draws (group, letters, elements). ``use_cache=False``
     re-runs the full prefix at every step (the reference the key/value cache must match).
 
-    Constraints with look-ahead (``constraints.py``), all per primitive cell: ``composition``
+    Constraints with look-ahead (``sampling.constraints``), all per primitive cell: ``composition``
     (a formula such as 'Li4Fe4P4O16', a mapping or a pymatgen Composition; with
     ``formula_units`` a reduced formula times that many units) is met exactly (crystal structure
     prediction); ``num_atoms`` (N or (low, high)) bounds the atoms per cell;

@@ -10,6 +10,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -267,7 +268,9 @@ class ReferenceHull:
     def load(cls, dataset: str = "mp_20", path: str | os.PathLike | None = None) -> ReferenceHull:
         """The saved hull of a dataset (or a file); says how to build it when it is missing."""
         p = Path(path) if path is not None else hull_path(dataset)
-        shipped = Path(__file__).parent / "references" / (hull_path(dataset).name + ".gz")
+        shipped = Path(str(resources.files("crystal_gpt") / "references")) / (
+            hull_path(dataset).name + ".gz"
+        )
         if path is None and not p.exists() and shipped.exists():
             p = shipped  # the mp_20 hull ships with the package (built as below)
         if not p.exists():
