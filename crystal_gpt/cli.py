@@ -250,7 +250,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """CDVAE metrics, uniqueness, novelty and symmetry statistics of generated crystals."""
     import warnings
 
-    from crystal_gpt.evaluation.suite import build_reference, evaluate
+    from crystal_gpt.evaluation.references import build_reference
+    from crystal_gpt.evaluation.suite import evaluate
 
     warnings.filterwarnings("ignore", module="pymatgen")
     warnings.filterwarnings("ignore", module="matminer")
