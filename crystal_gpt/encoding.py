@@ -39,7 +39,9 @@ from crystal_gpt.representation import (
 )
 from crystal_gpt.symmetry import CRYSTAL_SYSTEMS, get_tables
 
-ENCODER_VERSION = 2  # 2: canonical origin (normaliser cosets, polar axes), symmetrised coordinates
+ENCODER_VERSION = (
+    3  # 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input
+)
 
 
 def cache_dir() -> Path:
