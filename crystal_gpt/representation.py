@@ -264,7 +264,8 @@ def _symmetry_of(cell: tuple, symprec: float):
     starts from (the first of the rarest element). Each atom of the rarest element is tried
     first in turn, moved to the origin with the others in a fixed order relative to it, and
     the most symmetric answer is kept (ties: the higher group number), so the result depends
-    on the crystal alone, not on its translation or atom order. Returns the dataset and the cell it describes."""
+    on the crystal alone, not on its translation or atom order. Returns the dataset and the
+    cell it describes."""
     matrix, frac, numbers = cell
     nums = np.asarray(numbers)
     values, counts = np.unique(nums, return_counts=True)
