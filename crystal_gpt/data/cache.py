@@ -37,7 +37,9 @@ from crystal_gpt.data.datasets import (
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 from crystal_gpt.utils import atomic_path, parallel_map
 
-ENCODER_VERSION = 2  # 2: canonical origin (normaliser cosets, polar axes), symmetrised coordinates
+ENCODER_VERSION = (
+    3  # 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input
+)
 
 
 def cache_dir() -> Path:

@@ -260,16 +260,23 @@ def _symmetry_of(cell: tuple, symprec: float):
 
     For a crystal distorted close to the tolerance, spglib's answer depends on which atom it
     starts from (the first of the rarest element). Each atom of the rarest element is tried
-    first in turn and the most symmetric answer is kept (ties: the higher group number), so
-    the result depends on the crystal alone. Returns the dataset and the cell it describes."""
+    first in turn, moved to the origin with the others in a fixed order relative to it, and
+    the most symmetric answer is kept (ties: the higher group number), so the result depends
+    on the crystal alone, not on its translation or atom order. Returns the dataset and the
+    cell it describes."""
     matrix, frac, numbers = cell
     nums = np.asarray(numbers)
     values, counts = np.unique(nums, return_counts=True)
     rarest = np.nonzero(nums == values[np.argmin(counts)])[0]
     best, best_key, best_cell, errors = None, None, None, []
     for first in rarest:
-        order = np.concatenate([[first], np.delete(np.arange(len(nums)), first)])
-        trial = (matrix, frac[order], [numbers[i] for i in order])
+        # that atom at the origin, the others by element and position relative to it: the
+        # input spglib sees no longer depends on the crystal's translation
+        rel = wrap01(np.round(frac - frac[first], 8))
+        others = np.delete(np.arange(len(nums)), first)
+        others = others[np.lexsort((rel[others, 2], rel[others, 1], rel[others, 0], nums[others]))]
+        order = np.concatenate([[first], others])
+        trial = (matrix, rel[order], [numbers[i] for i in order])
         try:
             ds = _spglib_dataset(trial, symprec)
         except EncodingError as err:
