@@ -37,9 +37,8 @@ from crystal_gpt.data.datasets import (
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 from crystal_gpt.utils import atomic_path, parallel_map
 
-ENCODER_VERSION = (
-    3  # 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input
-)
+# 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input
+ENCODER_VERSION = 3
 
 
 def cache_dir() -> Path:
