@@ -6,7 +6,7 @@ from pymatgen.core.operations import SymmOp
 
 from crystal_gpt import EncodingError, WyckoffCrystal, decode, encode, load_dataset
 from crystal_gpt.data.roundtrip import check_roundtrips, summarize
-from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.data.symmetry import get_tables, lowest_next_element, lowest_next_letter
 from crystal_gpt.testing import random_crystal
 
 T = get_tables()
@@ -41,12 +41,10 @@ def check_sequence_rules(wc: WyckoffCrystal) -> None:
     """The ordering rules the model's masks rely on."""
     g, w = wc.spacegroup, wc.wyckoff
     assert ((w >= 0) & (w < T.num_letters[g])).all()
-    assert (np.diff(w) >= 0).all(), "letters never decrease"
     dof = T.dof[g, w]
     for i in range(1, len(w)):
-        if w[i] == w[i - 1]:
-            assert dof[i] > 0, "a zero-freedom position is occupied at most once"
-            assert wc.species[i] >= wc.species[i - 1], "ties ordered by atomic number"
+        assert w[i] >= lowest_next_letter(w[i - 1], dof[i - 1]), "letters in canonical order"
+        assert wc.species[i] >= lowest_next_element(w[i], w[i - 1], wc.species[i - 1])
     assert ((wc.coords >= 0) & (wc.coords < 1)).all()
     # fixed coordinates are exactly the table's values (free ones are whatever the crystal has)
     for k in range(len(w)):

@@ -161,6 +161,24 @@ def lattice_points(spacegroup: int) -> int:
     return int(np.all(np.abs(rot - np.eye(3)) < 1e-9, axis=(1, 2)).sum())
 
 
+# ---------------------------------------------------------------- the canonical order's rules
+# Stated once, for ints, numpy arrays and torch tensors alike: the codec's site order obeys them
+# (``codec.site_order``), and the model's masks and the constraint planner enforce them.
+
+
+def lowest_next_letter(prev_w, prev_dof):
+    """The smallest letter the next site may take after one on letter ``prev_w`` (whose
+    position has ``prev_dof`` free coordinates): letters never decrease, and a position without
+    free coordinates holds one orbit, so it is not repeated."""
+    return prev_w + (prev_dof == 0)
+
+
+def lowest_next_element(w, prev_w, prev_a):
+    """The smallest atomic number a site on letter ``w`` may take after a site (prev_w, prev_a):
+    sites repeating a letter come in non-decreasing atomic number; a new letter starts over."""
+    return prev_a * (w == prev_w)
+
+
 def wrap01(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
     """Fractional coordinates in [0, 1), with -0.0 and 1 - tiny mapped to exactly 0."""
     y = np.asarray(x, dtype=float) % 1.0

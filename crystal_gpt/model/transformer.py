@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from crystal_gpt.data.symmetry import (
     get_tables,
     lattice_points,
+    lowest_next_element,
+    lowest_next_letter,
 )
 from crystal_gpt.model.distributions import (
     LATTICE_DIMS,
@@ -136,7 +138,7 @@ class SymmetryTensors(nn.Module):
         if prev_w is None:
             prev_w = torch.zeros_like(g)
         prev_dof = self.dof[g, prev_w.clamp(max=L)]
-        lower = torch.where(first, torch.zeros_like(prev_w), prev_w + (prev_dof == 0).long())
+        lower = torch.where(first, 0, lowest_next_letter(prev_w, prev_dof))
         legal = in_group & (letters >= lower.unsqueeze(-1))
         ended = (~first) & (prev_w == self.pad)
         is_pad = letters == self.pad
@@ -379,8 +381,8 @@ class CrystalGPT(nn.Module):
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = h + self.emb_chosen_letter(self._gw_index(g, w))
         z = torch.arange(NUM_ELEMENTS, device=h.device)
-        same_letter = (~first) & (w == prev_w)
-        legal = (z > 0) & ~(same_letter.unsqueeze(-1) & (z < prev_a.unsqueeze(-1)))
+        floor = torch.where(first, 0, lowest_next_element(w, prev_w, prev_a))
+        legal = (z > 0) & (z >= floor.unsqueeze(-1))
         if allowed is not None:
             legal = legal & allowed
         a_logits = self.head_a(ctx).masked_fill(~legal, float("-inf"))

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crystal_gpt.data.symmetry import check_spacegroup, get_tables, lattice_points
+from crystal_gpt.data.symmetry import (
+    check_spacegroup,
+    get_tables,
+    lattice_points,
+    lowest_next_element,
+    lowest_next_letter,
+)
 
 INF = 10**9
 
@@ -352,9 +358,10 @@ class Planner:
             rest = self.request.template[k:]
             repeat = bool(rest) and rest[0] == w
             return (remaining, w, e if repeat else 0, k)
-        if dof[w] == 0:
-            return (remaining, w + 1, 0, state[3] + 1)
-        return (remaining, w, e if self.request.composition is not None else 0, state[3] + 1)
+        low_w = int(lowest_next_letter(w, dof[w]))
+        # element indices follow atomic numbers (the composition is sorted by Z)
+        low_el = int(lowest_next_element(low_w, w, e)) if self.request.composition else 0
+        return (remaining, low_w, low_el, state[3] + 1)
 
     def element_index(self, z: int) -> int:
         return self.elements.index(z) if self.request.composition is not None else 0
