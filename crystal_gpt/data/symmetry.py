@@ -134,7 +134,9 @@ class WyckoffTables:
         on the position is returned unchanged. Works on (3,) or (n, 3) arrays.
         """
         p = np.asarray(points, dtype=float)
-        return wrap01(p @ self.proj_rot[spacegroup, w].T + self.proj_trans[spacegroup, w])
+        return wrap01(
+            onto_position(self.proj_rot[spacegroup, w], self.proj_trans[spacegroup, w], p)
+        )
 
     def normaliser(self, spacegroup: int) -> tuple[np.ndarray, np.ndarray]:
         """(R, t) of the origin/orientation changes that keep the group and the lattice: the
@@ -164,6 +166,14 @@ def lattice_points(spacegroup: int) -> int:
 # ---------------------------------------------------------------- the canonical order's rules
 # Stated once, for ints, numpy arrays and torch tensors alike: the codec's site order obeys them
 # (``codec.site_order``), and the model's masks and the constraint planner enforce them.
+
+
+def onto_position(rot, trans, x):
+    """The projection of coordinates x (..., 3) onto a Wyckoff position, before wrapping: the
+    position's first operation (rot, trans), which copies the free coordinates and computes
+    the fixed and tied ones. One statement for numpy (the codec, float64) and torch (the model,
+    batched over sites with rot (..., 3, 3))."""
+    return (rot @ x[..., None])[..., 0] + trans
 
 
 def lowest_next_letter(prev_w, prev_dof):

@@ -13,6 +13,7 @@ from crystal_gpt.data.symmetry import (
     get_tables,
     lattice_points,
     lowest_next_letter,
+    onto_position,
 )
 from crystal_gpt.model.distributions import NUM_ELEMENTS
 
@@ -48,8 +49,7 @@ class SymmetryTensors(nn.Module):
 
     def project(self, g: Tensor, w: Tensor, x: Tensor) -> Tensor:
         """Coordinates (B, 3) onto Wyckoff positions (g, w) through their first operation."""
-        x = torch.einsum("bij,bj->bi", self.proj_rot[g, w], x) + self.proj_trans[g, w]
-        return torch.remainder(x, 1.0)
+        return torch.remainder(onto_position(self.proj_rot[g, w], self.proj_trans[g, w], x), 1.0)
 
     def letter_mask(self, g: Tensor, prev_w: Tensor | None, first: Tensor) -> Tensor:
         """Legal next letters (..., L+1) given the group, the previous letter and whether this is
