@@ -60,6 +60,36 @@ LATTICE_TIES: dict[str, tuple[str | float | None, ...]] = {
 }
 
 
+# The 11 enantiomorphic pairs of space groups (ITA): the mirror image of a crystal in one of
+# them lies in the partner group, so it is another crystal, not another description.
+ENANTIOMORPHIC_GROUPS = frozenset(
+    (
+        76,
+        78,
+        91,
+        95,
+        92,
+        96,
+        144,
+        145,
+        151,
+        153,
+        152,
+        154,
+        169,
+        170,
+        171,
+        172,
+        178,
+        179,
+        180,
+        181,
+        212,
+        213,
+    )
+)
+
+
 def crystal_system_of(spacegroup: int) -> str:
     """Crystal system of a space-group number (ITA ranges)."""
     check_spacegroup(spacegroup)
