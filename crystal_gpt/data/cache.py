@@ -37,8 +37,9 @@ from crystal_gpt.data.datasets import (
 from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 from crystal_gpt.utils import atomic_path, parallel_map
 
-# 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input
-ENCODER_VERSION = 3
+# 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input;
+# 4: polar origin on the symmetrised anchor atom
+ENCODER_VERSION = 4
 
 
 def cache_dir() -> Path:

@@ -430,7 +430,23 @@ def canonical_sites(
             anchors = np.concatenate(
                 [m for w, m in zip(letters, orbits, strict=True) if (w, int(types[m[0]])) == lowest]
             )
-            shifts = [pos - pos[i] * polar for i in anchors]
+            orbit_of = {int(i): k for k, m in enumerate(orbits) for i in m}
+            shifts = []
+            for i in anchors:
+                p = wrap01(pos - pos[i] * polar)
+                # the symmetrised atom, not the raw one, goes to the origin: symmetrising moves
+                # it along the polar axis by an amount that differs from atom to atom
+                k = orbit_of[int(i)]
+                w = letters[k]
+                rep = _canonical_representative(tables, g, w, p[orbits[k]], metric, symprec)
+                if rep is None:
+                    continue
+                rot, trans = tables.orbit_ops(g, w)
+                images = np.einsum("kij,j->ki", rot, rep) + trans
+                d = images - p[i]
+                d -= np.rint(d)
+                nearest = d[np.argmin(np.einsum("ki,ij,kj->k", d, metric, d))]
+                shifts.append(p - nearest * polar)
         else:
             shifts = [pos]
         for p in shifts:
