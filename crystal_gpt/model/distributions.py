@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributions import Categorical, MixtureSameFamily, VonMises
 
 from crystal_gpt.data.symmetry import (
     CRYSTAL_SYSTEMS,
@@ -32,26 +33,34 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ---------------------------------------------------------------- coordinates
-def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
-    """log density on [0, 1) of a mixture of von Mises in angle 2 pi x; params (..., 3K)."""
+def von_mises_mixture(params: Tensor) -> MixtureSameFamily:
+    """The coordinate distribution: a mixture of von Mises over the angle 2 pi x; params
+    (..., 3K) are mixture logits, means and raw concentrations (softplus + 1e-3)."""
     logits, mu, raw_kappa = params.chunk(3, dim=-1)
     kappa = F.softplus(raw_kappa) + 1e-3
-    theta = 2 * math.pi * x.unsqueeze(-1)
-    # log I0(k) = log(i0e(k)) + k keeps large concentrations finite
-    log_vm = kappa * (torch.cos(theta - mu) - 1) - torch.log(torch.special.i0e(kappa)) - LOG_2PI
-    return torch.logsumexp(F.log_softmax(logits, -1) + log_vm, dim=-1) + LOG_2PI
+    return MixtureSameFamily(
+        Categorical(logits=logits), VonMises(mu, kappa, validate_args=False), validate_args=False
+    )
+
+
+def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
+    """log density on [0, 1) of the mixture at fractional coordinates x (angle density plus
+    log 2 pi for the change of variables)."""
+    return von_mises_mixture(params).log_prob(2 * math.pi * x) + LOG_2PI
 
 
 def von_mises_mixture_sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    logits, mu, raw_kappa = params.chunk(3, dim=-1)
-    kappa = F.softplus(raw_kappa) + 1e-3
-    comp = torch.multinomial(
-        F.softmax(logits.float(), -1).reshape(-1, logits.shape[-1]), 1, generator=generator
-    )
-    comp = comp.view((*logits.shape[:-1], 1))
-    m = mu.gather(-1, comp).squeeze(-1)
-    k = kappa.gather(-1, comp).squeeze(-1)
-    theta = torch.distributions.VonMises(m.double(), k.double()).sample().float()
+    """A draw from ``von_mises_mixture(params)`` in [0, 1): the component from the seeded
+    ``generator`` (MixtureSameFamily.sample would take torch's global RNG), the angle from
+    torch's VonMises in float64."""
+    mix = von_mises_mixture(params)
+    probs = mix.mixture_distribution.probs.float()
+    comp = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    comp = comp.view((*probs.shape[:-1], 1))
+    vm = mix.component_distribution
+    m = vm.loc.gather(-1, comp).squeeze(-1)
+    k = vm.concentration.gather(-1, comp).squeeze(-1)
+    theta = VonMises(m.double(), k.double()).sample().float()
     return torch.remainder(theta / (2 * math.pi), 1.0)
 
 
