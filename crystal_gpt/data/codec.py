@@ -422,9 +422,10 @@ def canonical_sites(
     best = None
     for R, t in zip(*tables.normaliser(g), strict=True):
         pos = wrap01(positions @ R.T + t)
-        letters = _orbit_letters(tables, g, pos, orbits, metric, symprec)
-        if letters is None:
+        found = _orbit_sites(tables, g, pos, orbits, metric, symprec)
+        if found is None:
             continue
+        letters, reps = found
         if polar.any():
             lowest = min(zip(letters, (int(types[m[0]]) for m in orbits), strict=True))
             anchors = np.concatenate(
@@ -447,40 +448,43 @@ def canonical_sites(
                 d -= np.rint(d)
                 nearest = d[np.argmin(np.einsum("ki,ij,kj->k", d, metric, d))]
                 shifts.append(p - nearest * polar)
+            candidates = []
+            for p in shifts:
+                found = _orbit_sites(tables, g, wrap01(p), orbits, metric, symprec, letters)
+                if found is not None:
+                    candidates.append(_in_site_order(letters, found[1], types, orbits))
         else:
-            shifts = [pos]
-        for p in shifts:
-            cand = _sites(tables, g, wrap01(p), types, orbits, letters, metric, symprec)
-            if cand is not None and (best is None or _precedes(cand, best)):
+            candidates = [_in_site_order(letters, reps, types, orbits)]
+        for cand in candidates:
+            if best is None or _precedes(cand, best):
                 best = cand
     if best is None:
         raise EncodingError(f"the atoms fit no set of Wyckoff positions of space group {g}")
     return best
 
 
-def _orbit_letters(tables, g, pos, orbits, metric, symprec) -> list[int] | None:
-    """The Wyckoff position of each orbit: the one of its multiplicity its atoms lie on."""
-    out = []
-    for members in orbits:
-        mult = len(members)
-        for w in range(int(tables.num_letters[g])):
-            if tables.multiplicity[g, w] != mult:
-                continue
-            if _canonical_representative(tables, g, w, pos[members], metric, symprec) is not None:
-                out.append(w)
+def _orbit_sites(tables, g, pos, orbits, metric, symprec, letters=None):
+    """Each orbit's Wyckoff position (the one of its multiplicity its atoms lie on, unless
+    ``letters`` are known) and canonical representative; None when an orbit fits none."""
+    out_letters, reps = [], []
+    for k, members in enumerate(orbits):
+        if letters is not None:
+            choices = [letters[k]]
+        else:
+            n = int(tables.num_letters[g])
+            choices = [w for w in range(n) if tables.multiplicity[g, w] == len(members)]
+        for w in choices:
+            rep = _canonical_representative(tables, g, w, pos[members], metric, symprec)
+            if rep is not None:
+                out_letters.append(w)
+                reps.append(rep)
                 break
         else:
             return None
-    return out
+    return out_letters, reps
 
 
-def _sites(tables, g, pos, types, orbits, letters, metric, symprec):
-    reps = []
-    for w, members in zip(letters, orbits, strict=True):
-        rep = _canonical_representative(tables, g, w, pos[members], metric, symprec)
-        if rep is None:
-            return None
-        reps.append(rep)
+def _in_site_order(letters, reps, types, orbits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     wyckoff = np.array(letters, dtype=np.int16)
     species = np.array([types[m[0]] for m in orbits], dtype=np.int16)
     coords = np.array(reps, dtype=float).reshape(-1, 3)
