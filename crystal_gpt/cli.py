@@ -153,7 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from crystal_gpt.data.batching import PaddedCrystals
-    from crystal_gpt.data.codec import decode
+    from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.sampling.output import write_samples
     from crystal_gpt.sampling.sampler import sample_crystals
@@ -184,6 +184,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         wyckoff_template=args.wyckoff_template,
         chemsys=args.chemsys,
         allow_unseen=args.allow_unseen,
+        symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         progress=args.n >= 2000,
     )
     structures = [decode(c) for c in crystals]
@@ -471,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also elements and atom counts outside the model's training data (default: "
         "inside; explicit requests outside it are kept with a warning)",
+    )
+    sa.add_argument(
+        "--skip-symmetry-check",
+        action="store_true",
+        help="keep samples whose spglib symmetry is higher than the sampled group instead of "
+        "redrawing them (sampling ~7x faster; impossible cells are still redrawn)",
     )
     sa.add_argument(
         "--composition",

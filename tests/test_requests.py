@@ -92,3 +92,17 @@ def test_chemsys_gives_exactly_those_elements(model):
     with pytest.raises(ConstraintError, match="excluded"):
         sample_crystals(model, 1, chemsys="Li-O", exclude_elements=["O"])
     assert np.isfinite([per_cell(c) for c in crystals]).all()
+
+
+def test_cli_symmetry_check_can_be_skipped(tmp_path):
+    import csv
+
+    from crystal_gpt.cli import main
+
+    redraws = {}
+    for flag in ([], ["--skip-symmetry-check"]):
+        out = tmp_path / ("skip" if flag else "check")
+        assert main(["sample", "-n", "300", "--seed", "0", "--out", str(out), *flag]) == 0
+        with open(out / "summary.csv") as f:
+            redraws[bool(flag)] = sum(int(r["redraws"]) for r in csv.DictReader(f))
+    assert redraws[False] > 0 and redraws[True] == 0
