@@ -185,6 +185,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         chemsys=args.chemsys,
         allow_unseen=args.allow_unseen,
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
+        min_distance=_parse_min_distance(args.min_distance),
         progress=args.n >= 2000,
     )
     structures = [decode(c) for c in crystals]
@@ -196,14 +197,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = write_samples(crystals, structures, args.out, loglik)
     dt = time.perf_counter() - t0
     redrawn = sum(c.meta.get("redraws", 0) for c in crystals)
+    moved = sum(c.meta.get("site_redraws", 0) for c in crystals)
     counts = Counter(c.spacegroup for c in crystals)
     top = ", ".join(f"{g}: {k}" for g, k in counts.most_common(5))
     print(
         f"{len(crystals)} crystals in {dt:.1f} s ({len(crystals) / dt:.0f}/s) -> {out}/cif, "
         f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}; "
-        f"{redrawn} draws replaced (symmetry higher than sampled, impossible cell, no room)"
+        f"{redrawn} crystals redrawn (symmetry higher than sampled, impossible cell, no room, "
+        f"atoms too close), {moved} site coordinates redrawn (atoms too close)"
     )
     return 0
+
+
+def _parse_min_distance(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"--min-distance takes 'auto' or a distance in Angstrom, got {text!r}"
+        ) from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"--min-distance must be a distance >= 0 in Angstrom, got {text!r}")
+    return value
 
 
 def cmd_evaluate_csp(args: argparse.Namespace) -> int:
@@ -478,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep samples whose spglib symmetry is higher than the sampled group instead of "
         "redrawing them (sampling ~7x faster; impossible cells are still redrawn)",
+    )
+    sa.add_argument(
+        "--min-distance",
+        default="auto",
+        help="closest approach of two atoms in Angstrom; 'auto' (default): 0.75 of the "
+        "shortest distance of that element pair in the model's training data; 0: no rule. "
+        "A lattice-first model redraws a clashing site, a lattice-last one the crystal",
     )
     sa.add_argument(
         "--composition",

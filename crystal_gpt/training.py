@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.cache import EncodedDataset, encode_dataset
+from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.checkpoints import load_model as load_model  # the one loader
 from crystal_gpt.model.distributions import lattice_statistics, spacegroup_prior
 from crystal_gpt.model.transformer import (
@@ -242,10 +243,11 @@ def train(
     val_set = PaddedCrystals(val_data, cfg.model.max_sites)
 
     model = CrystalGPT(cfg.model).to(device)
-    mean, std = lattice_statistics(train_set)
+    mean, std = lattice_statistics(train_set, per_atom=not cfg.model.lattice_first)
     model.lat_mean.copy_(mean)
     model.lat_std.copy_(std)
     model.set_training_range(train_data.species, train_set.g, train_set.num_atoms)
+    model.pair_min_distance.copy_(torch.as_tensor(training_pair_distances(train_set)))
     with torch.no_grad():
         model.g_prior.copy_(spacegroup_prior(train_set.g))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]

@@ -25,8 +25,7 @@ N = 500
 ALPHA = 1e-3  # fixed seeds: deterministic; a real mismatch gives p-values far below this
 
 
-@pytest.fixture(scope="module")
-def sharp(model):
+def sharpen(model):
     m = copy.deepcopy(model)
     with torch.no_grad():
         d = m.config.d_model
@@ -35,6 +34,11 @@ def sharp(model):
             head[-1].weight.mul_(6.0)
             head[-1].bias.mul_(3.0)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def sharp(model):
+    return sharpen(model)
 
 
 def vm_cdf(x: torch.Tensor, params: torch.Tensor, grid: int = 2048) -> torch.Tensor:
@@ -107,7 +111,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_samples_follow_the_model(sharp, case):
     kwargs = CASES[case]
-    crystals = sample_crystals(sharp, N, seed=1, symprec=None, **kwargs)  # no redraws
+    crystals = sample_crystals(
+        sharp, N, seed=1, symprec=None, min_distance=None, **kwargs
+    )  # no redraws
     res = pits(sharp, crystals)
     if "wyckoff_template" in kwargs:
         res.pop("W")  # a template replaces the letter distribution by the template's letters
@@ -123,7 +129,7 @@ def test_pit_detects_a_sampler_that_ignores_fixed_coordinates(sharp):
     """The check has power: coordinates drawn as before issue 9 (every coordinate from its head,
     projected only at the end) are caught on Pnma 4c."""
     crystals = sample_crystals(
-        sharp, N, seed=1, symprec=None, spacegroup=62, wyckoff_template="4c 4c"
+        sharp, N, seed=1, symprec=None, min_distance=None, spacegroup=62, wyckoff_template="4c 4c"
     )
     # redraw z of each site from the z head conditioned on an unprojected y (the old sampler)
     data = PaddedCrystals(EncodedDataset.from_crystals(crystals), sharp.config.max_sites)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.cache import encode_dataset
+from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.distributions import spacegroup_prior
 from crystal_gpt.model.transformer import CrystalGPT, ModelConfig
 
@@ -68,11 +70,14 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     # (not for a conditioned model, whose P(g | condition) adds a learned term to g_prior)
     state = dict(ck["model"])
     conditioned = cfg["model"].get("conditions") or cfg["model"].get("condition_on_composition")
+    train = encode_dataset(
+        cfg["dataset"], cfg["train_split"], symprec=cfg["symprec"], progress=False
+    )
     if not conditioned:
-        train_g = encode_dataset(
-            cfg["dataset"], cfg["train_split"], symprec=cfg["symprec"], progress=False
-        ).spacegroup
-        state["g_prior"] = spacegroup_prior(train_g)
+        state["g_prior"] = spacegroup_prior(train.spacegroup)
+    if "pair_min_distance" not in state:  # a run from before the distance rule
+        pairs = training_pair_distances(PaddedCrystals(train))
+        state["pair_min_distance"] = torch.as_tensor(pairs, dtype=torch.float32)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     model = CrystalGPT(ModelConfig(**cfg["model"]))
     meta = {

@@ -96,6 +96,22 @@ def lattice_features(lattice: Tensor, system: Tensor, num_atoms: Tensor) -> tupl
     return z, logdet
 
 
+LATTICE_EMBED_DIM = 10
+
+
+def lattice_embedding_features(lattice: Tensor) -> Tensor:
+    """What a site's heads see of a lattice (lattice first): log lengths, cosines of the
+    angles, log(volume)/3 and the lengths over volume^(1/3) (the cell's shape)."""
+    lengths = lattice[:, :3].clamp(min=1e-3)
+    cos = torch.cos(torch.deg2rad(lattice[:, 3:]))
+    ca, cb, cg = cos.unbind(-1)
+    det = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+    log_v3 = (torch.log(lengths).sum(-1) + 0.5 * torch.log(det.clamp(min=1e-6))) / 3
+    return torch.cat(
+        [torch.log(lengths), cos, log_v3.unsqueeze(-1), lengths / log_v3.exp().unsqueeze(-1)], -1
+    )
+
+
 def pack_free(z: Tensor, system: Tensor, n: int) -> Tensor:
     """Select the free columns (same count n for every row) in order."""
     used = LATTICE_USED.to(z.device)[system]
@@ -122,15 +138,19 @@ def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tenso
     return torch.where(used, params, fill)
 
 
-def lattice_statistics(data) -> tuple[Tensor, Tensor]:
+def lattice_statistics(data, per_atom: bool = True) -> tuple[Tensor, Tensor]:
     """Mean and std of the lattice features per crystal system (7, 6), from training data.
 
     ``data`` has ``.lattice`` (N, 6), ``.g`` (N,) and ``.num_atoms`` (N,). Systems with fewer
-    than 10 crystals use the statistics of all crystals.
+    than 10 crystals use the statistics of all crystals. ``per_atom=False``: lengths not scaled
+    by the atom count (the lattice-first model, which draws the lattice before the atoms).
     """
     system = torch.as_tensor(get_tables().crystal_system.astype("int64"))[torch.as_tensor(data.g)]
+    num_atoms = torch.as_tensor(data.num_atoms)
     z, _ = lattice_features(
-        torch.as_tensor(data.lattice, dtype=torch.float32), system, torch.as_tensor(data.num_atoms)
+        torch.as_tensor(data.lattice, dtype=torch.float32),
+        system,
+        num_atoms if per_atom else torch.ones_like(num_atoms),
     )
     mean = z.mean(0).expand(7, 6).clone()
     std = z.std(0).clamp(min=1e-2).expand(7, 6).clone() if len(z) > 1 else torch.ones(7, 6)

@@ -3,8 +3,10 @@ periodic coordinate features, the causal attention block, small MLPs."""
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,6 +116,54 @@ def composition_features(counts: Tensor) -> Tensor:
     """(B, 119) atoms per primitive cell -> element fractions and log(atoms per cell)."""
     total = counts.sum(-1, keepdim=True).clamp(min=1)
     return torch.cat([counts / total, torch.log(total)], dim=-1)
+
+
+@functools.cache
+def _element_features() -> np.ndarray:
+    import warnings
+
+    from pymatgen.core.periodic_table import Element
+
+    rows = [np.zeros(14)]
+    for z in range(1, NUM_ELEMENTS):
+        el = Element.from_Z(z)
+        with warnings.catch_warnings():  # "no data" for the heaviest elements: 0 is fine
+            warnings.simplefilter("ignore")
+            mendeleev = float(el.mendeleev_no or 0)
+            chi = el.X if el.X == el.X else 0.0  # NaN without a Pauling electronegativity
+        radius = el.atomic_radius or el.average_ionic_radius or 1.5
+        states = el.common_oxidation_states or (0,)
+        block = ["s", "p", "d", "f"].index(el.block) if el.block in "spdf" else 0
+        rows.append(
+            np.array(
+                [
+                    el.group,
+                    el.row,
+                    chi,
+                    float(chi != 0.0),
+                    float(radius),
+                    math.log(float(el.atomic_mass)),
+                    mendeleev,
+                    max(states),
+                    min(states),
+                    float(el.is_metal),
+                    *np.eye(4)[block],
+                ],
+                dtype=float,
+            )
+        )
+    table = np.stack(rows)
+    mean, std = table[1:].mean(0), table[1:].std(0) + 1e-6
+    table = (table - mean) / std
+    table[0] = 0.0
+    return table
+
+
+def element_feature_table() -> Tensor:
+    """(119, 14) standardised chemistry of each element (group, period, Pauling
+    electronegativity, radius, log mass, Mendeleev number, extreme common oxidation states,
+    metal, block): what lets the element head share evidence between similar elements."""
+    return torch.as_tensor(_element_features(), dtype=torch.float32)
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:

@@ -3,7 +3,9 @@
     P(crystal) = P(g) * prod_i P(W_i | .) P(A_i | W_i, .) P(X_i | W_i, A_i, .) * P(L | g, all sites)
 
 Token 0 carries the space group (and any conditions); token i (1..n) carries site i. The output
-at token k predicts site k+1 (or the end, W = PAD) and, at the last token, the lattice. Wyckoff
+at token k predicts site k+1 (or the end, W = PAD) and, at the last token, the lattice. With
+``lattice_first`` the order is P(g) P(L | g) prod P(site_i | L, ...): the lattice is drawn from
+token 0's inputs, then added to token 0 and to every site's heads. Wyckoff
 letters are masked to the legal, ordered letters of the group; atom types to real elements (and,
 for a repeated letter, to the canonical non-decreasing order); coordinates are mixtures of von
 Mises distributions over the free coordinates only, predicted x, then y | x, then z | x, y.
@@ -33,7 +35,9 @@ from crystal_gpt.data.symmetry import (
 )
 from crystal_gpt.model.distributions import (
     LATTICE_DIMS,
+    LATTICE_EMBED_DIM,
     NUM_ELEMENTS,
+    lattice_embedding_features,
     lattice_features,
     lattice_used,
     pack_free,
@@ -44,6 +48,7 @@ from crystal_gpt.model.layers import (
     Block,
     SymmetryTensors,
     composition_features,
+    element_feature_table,
     fourier,
     mlp,
 )
@@ -74,6 +79,13 @@ class ModelConfig:
     # P(crystal | composition): the structure-prediction (CSP) variant; the composition is read
     # off each training crystal, and sampling needs one (``composition=``)
     condition_on_composition: bool = False
+    # the order of the factorisation: P(g) P(L | g) prod P(site | L, ...) ("first", the original
+    # design: every site sees the lattice, so atoms are placed with their distances known) or
+    # P(g) prod P(site | ...) P(L | g, sites) ("last")
+    lattice_first: bool = False
+    # element embeddings built from chemistry (group, period, electronegativity, radius, ...)
+    # added to the learnt ones, in the inputs and in the element head
+    element_features: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +141,14 @@ class CrystalGPT(nn.Module):
         K = c.coord_mixtures
         self.head_x = nn.ModuleList(mlp(d + j * 2 * c.fourier_freqs, d, 3 * K) for j in range(3))
         self.lattice_ctx = mlp(2 * d, d, d)
+        # lattice first: the drawn lattice enters token 0 and every site's heads
+        self.emb_lattice = mlp(LATTICE_EMBED_DIM, d, d) if c.lattice_first else None
+        if c.element_features:
+            self.register_buffer("element_table", element_feature_table())
+            self.emb_elem_feat = mlp(self.element_table.shape[1], d, d)
+            self.head_a_feat = nn.Linear(d, d)
+        else:
+            self.emb_elem_feat = None
         self.flows = nn.ModuleDict(
             {
                 str(n): zuko.flows.NSF(
@@ -147,13 +167,17 @@ class CrystalGPT(nn.Module):
         # told otherwise; defaults (all elements, any size) for checkpoints that predate them
         self.register_buffer("seen_elements", torch.ones(NUM_ELEMENTS, dtype=torch.bool))
         self.register_buffer("atoms_range", torch.tensor([1, 10**6]))  # per primitive cell
+        # shortest distance (Angstrom) seen for each element pair in training, 0 if never seen:
+        # the sampler's distance rule (``sampling.placement``) is a fraction of it
+        self.register_buffer("pair_min_distance", torch.zeros(NUM_ELEMENTS, NUM_ELEMENTS))
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
-        """load_state_dict that accepts checkpoints written before the training-range buffers
-        and before the chosen-letter / chosen-element embeddings had their present names."""
+        """load_state_dict that accepts checkpoints written before the training-range and
+        pair-distance buffers, and before the chosen-letter / chosen-element embeddings had
+        their present names."""
         state = {_present_name(k): v for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = set(missing) - {"seen_elements", "atoms_range"}
+        missing = set(missing) - {"seen_elements", "atoms_range", "pair_min_distance"}
         if missing or unexpected:
             raise RuntimeError(
                 f"checkpoint does not fit the model: missing {sorted(missing)}, "
@@ -161,7 +185,8 @@ class CrystalGPT(nn.Module):
             )
 
     def set_training_range(self, species: np.ndarray, g: np.ndarray, num_atoms: np.ndarray) -> None:
-        """Record the elements and atoms per primitive cell of the training crystals."""
+        """Record the elements and atoms per primitive cell of the training crystals (the
+        shortest pair distances are ``pair_min_distance``, set from ``data.geometry``)."""
         seen = torch.zeros(NUM_ELEMENTS, dtype=torch.bool)
         seen[torch.as_tensor(np.unique(species).astype(np.int64))] = True
         seen[0] = False
@@ -221,13 +246,35 @@ class CrystalGPT(nn.Module):
             self.emb_gw(self._gw_index(gb, w))
             + self.emb_letter(w)
             + self.emb_wfeat(feats)
-            + self.emb_elem(a)
+            + self.element_embedding(a)
             + self.emb_coord(fourier(x, self.config.fourier_freqs))
         )
 
+    def element_embedding(self, a: Tensor) -> Tensor:
+        e = self.emb_elem(a)
+        if self.emb_elem_feat is not None:
+            e = e + self.emb_elem_feat(self.element_table[a])
+        return e
+
     def start_token(self, g: Tensor, cond: Tensor | None) -> Tensor:
+        """Token 0 before the lattice: the group and the conditions (B, 1, d)."""
         h = self.emb_g(g)
         return (h if cond is None else h + cond).unsqueeze(1)
+
+    def lattice_embedding(self, lattice: Tensor) -> Tensor | None:
+        """Lattice first: the (drawn or given) lattice as a d-vector; None with lattice last."""
+        if self.emb_lattice is None:
+            return None
+        return self.emb_lattice(lattice_embedding_features(lattice))
+
+    def first_lattice_context(self, start: Tensor, g: Tensor) -> Tensor:
+        """Lattice first: the flow's context is token 0 before the lattice (group, conditions)."""
+        return self.lattice_context(start[:, 0], g)
+
+    def lattice_scale(self, num_atoms: Tensor) -> Tensor:
+        """Atoms the flow's lengths are scaled by: N^(1/3) with the lattice last; 1 with the
+        lattice first (the atom count is not known yet)."""
+        return torch.ones_like(num_atoms) if self.config.lattice_first else num_atoms
 
     def backbone(self, h: Tensor, caches: list[dict] | None = None, offset: int = 0) -> Tensor:
         T = h.shape[1]
@@ -255,6 +302,8 @@ class CrystalGPT(nn.Module):
     def x_params(self, ctx: Tensor, a: Tensor, x_prev: Tensor, j: int) -> Tensor:
         """Mixture parameters of coordinate j given the site context and coordinates < j."""
         inp = ctx + self.emb_chosen_element(a)
+        if self.emb_elem_feat is not None:
+            inp = inp + self.emb_elem_feat(self.element_table[a])
         if j:
             inp = torch.cat([inp, fourier(x_prev[..., :j], self.config.fourier_freqs)], dim=-1)
         return self.head_x[j](inp)
@@ -272,6 +321,7 @@ class CrystalGPT(nn.Module):
         x: Tensor | None = None,
         allowed: Tensor | None = None,
         draw: Drawer | None = None,
+        lattice: Tensor | None = None,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -279,15 +329,22 @@ class CrystalGPT(nn.Module):
         Coordinates go x, then y | x, then z | x, y; only free ones are drawn, and the drawn
         vector is projected onto the Wyckoff position after each draw, so every head sees the
         exact earlier coordinates (fixed and tied ones included), as in training.
+        ``lattice``: the lattice embedding (lattice first), given to the heads directly.
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = h + self.emb_chosen_letter(self._gw_index(g, w))
+        if lattice is not None:
+            ctx = ctx + lattice
         z = torch.arange(NUM_ELEMENTS, device=h.device)
         floor = torch.where(first, 0, lowest_next_element(w, prev_w, prev_a))
         legal = (z > 0) & (z >= floor.unsqueeze(-1))
         if allowed is not None:
             legal = legal & allowed
-        a_logits = self.head_a(ctx).masked_fill(~legal, float("-inf"))
+        a_logits = self.head_a(ctx)
+        if self.emb_elem_feat is not None:  # similar elements get similar scores
+            chem = self.emb_elem_feat(self.element_table)  # (119, d)
+            a_logits = a_logits + self.head_a_feat(ctx) @ chem.T / chem.shape[1] ** 0.5
+        a_logits = a_logits.masked_fill(~legal, float("-inf"))
         if a is None:
             if draw is None:
                 raise ValueError("site_content needs either a and x or a drawer")
@@ -318,7 +375,7 @@ class CrystalGPT(nn.Module):
         """Full (a,b,c,al,be,ga) -> standardised free parameters (B, 6, zero-padded) and
         log|det d(standardised)/d(free params)| (B,)."""
         system = self.sym.crystal_system[g]
-        z, logdet = lattice_features(lattice, system, num_atoms)
+        z, logdet = lattice_features(lattice, system, self.lattice_scale(num_atoms))
         mean, std = self.lat_mean[system], self.lat_std[system]
         z = (z - mean) / std
         used = lattice_used(system)
@@ -377,7 +434,12 @@ class CrystalGPT(nn.Module):
         if self.config.condition_on_composition:
             comp = self.composition_counts(g, w, a, n)
         cond = self.condition_vector(g, conditions, comp)
-        h = torch.cat([self.start_token(g, cond), self.embed_sites(g, w, a, x)], dim=1)
+        start = self.start_token(g, cond)
+        lat_emb = self.lattice_embedding(batch["lattice"])
+        if lat_emb is not None:
+            lat_ctx = self.first_lattice_context(start, g)
+            start = start + lat_emb.unsqueeze(1)
+        h = torch.cat([start, self.embed_sites(g, w, a, x)], dim=1)
         h = self.backbone(h)  # (B, T+1, d): output k predicts site k+1
         # targets: sites 1..n, then the end
         steps = torch.arange(T + 1, device=g.device)
@@ -398,6 +460,7 @@ class CrystalGPT(nn.Module):
         lp_w = torch.where(valid, lp_w, torch.zeros_like(lp_w))
 
         hs, gs, ws = h[is_site], gb[is_site], w_t[is_site]
+        site_of = torch.arange(B, device=g.device).unsqueeze(1).expand(-1, T + 1)[is_site]
         step = self.site_content(
             hs,
             gs,
@@ -407,12 +470,12 @@ class CrystalGPT(nn.Module):
             first[is_site],
             a=a_t[is_site],
             x=x_t[is_site],
+            lattice=None if lat_emb is None else lat_emb[site_of],
         )
         lp_a, lp_x = step.lp_a, step.lp_x
 
-        site_of = torch.arange(B, device=g.device).unsqueeze(1).expand(-1, T + 1)[is_site]
-        h_last = h[torch.arange(B, device=g.device), n]
-        lat_ctx = self.lattice_context(h_last, g)
+        if lat_emb is None:  # lattice last: its context is the output after the last site
+            lat_ctx = self.lattice_context(h[torch.arange(B, device=g.device), n], g)
         out = {
             "g": self.g_logprob(g, cond),
             "W": lp_w.sum(1),

@@ -36,6 +36,7 @@ from crystal_gpt.sampling.constraints import (
     feasible_groups,
     make_request,
 )
+from crystal_gpt.sampling.placement import Placement, clashing_crystals, thresholds_for
 
 if TYPE_CHECKING:  # the model imports the sampler (CrystalGPT.sample): no import back
     from crystal_gpt.model.transformer import CrystalGPT
@@ -140,6 +141,8 @@ def sample_crystals(
     allow_unseen: bool = False,
     symprec: float | None = DEFAULT_SYMPREC,
     max_redraws: int = 100,
+    min_distance: float | str | None = "auto",
+    max_site_tries: int = 20,
     progress: bool = False,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
@@ -162,7 +165,13 @@ def sample_crystals(
     replaced (``max_redraws`` per crystal, then an error). By default only elements seen in
     the model's training data and atom counts within its training range are sampled;
     ``allow_unseen=True`` lifts that, and explicit requests outside it are kept with a
-    warning."""
+    warning.
+
+    Distance rule (``sampling.placement``): no two atoms closer than ``min_distance`` ("auto":
+    0.75 of the shortest distance of that element pair in the model's training data; a number:
+    Angstrom for every pair; 0 or None: no rule). A lattice-first model redraws a clashing site's
+    coordinates (up to ``max_site_tries``, then the crystal; ``meta['site_redraws']`` counts
+    them); a lattice-last model can only redraw the whole crystal."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
@@ -230,11 +239,15 @@ def sample_crystals(
         return plans[key]
 
     rows = [plan(c) for c in composition] if per_crystal else [plan(composition)] * n
+    thresholds = thresholds_for(model, min_distance)
+    if thresholds is not None:
+        thresholds = thresholds.to(device)
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     result: list[WyckoffCrystal | None] = [None] * n
     redraws = np.zeros(n, dtype=int)
+    placed = np.zeros(n, dtype=int)  # coordinate redraws by the distance rule
     pending = list(range(n))
     was_training = model.training
     model.eval()
@@ -250,7 +263,7 @@ def sample_crystals(
             while pending:
                 idx = pending[:batch_size]
                 todo = [rows[i] for i in idx]
-                batch, dead = _sample_batch(
+                batch, dead, site_redraws = _sample_batch(
                     model,
                     len(todo),
                     spacegroup,
@@ -261,12 +274,20 @@ def sample_crystals(
                     use_cache,
                     todo if todo[0][0] is not None else None,
                     required,
+                    thresholds,
+                    max_site_tries,
                 )
                 done = 0
-                for i, crystal, stuck in zip(idx, batch, dead, strict=True):
-                    reason = "no room for every element" if stuck else _reject(crystal, symprec)
+                for i, crystal, stuck, moved in zip(idx, batch, dead, site_redraws, strict=True):
+                    placed[i] += moved
+                    reason = (
+                        "a dead end (no room for every element, or atoms too close)"
+                        if stuck
+                        else _reject(crystal, symprec)
+                    )
                     if reason is None:
                         crystal.meta["redraws"] = int(redraws[i])
+                        crystal.meta["site_redraws"] = int(placed[i])
                         result[i] = crystal
                         done += 1
                         continue
@@ -422,6 +443,12 @@ class _PlannerMasks:
                 self.states[i] = p.next_state(g, state, wi, 0, state[0] + m)
 
 
+class _BatchResult(NamedTuple):
+    crystals: list[WyckoffCrystal]
+    dead: list[bool]  # reached a dead end or broke the distance rule: redraw the crystal
+    site_redraws: list[int]  # coordinate draws the distance rule rejected
+
+
 def _sample_batch(
     model: CrystalGPT,
     B: int,
@@ -433,10 +460,12 @@ def _sample_batch(
     use_cache: bool = True,
     plans: list[tuple[Planner, list[int]]] | None = None,
     required: Tensor | None = None,
-) -> tuple[list[WyckoffCrystal], list[bool]]:
+    thresholds: Tensor | None = None,
+    max_site_tries: int = 20,
+) -> _BatchResult:
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it;
-    ``required``: elements every crystal must contain (the end is masked until they are).
-    Returns the crystals and, per crystal, whether it reached a dead end (to be redrawn)."""
+    ``required``: elements every crystal must contain (the end is masked until they are);
+    ``thresholds``: the distance rule's (119, 119) closest approaches (None: no rule)."""
     sym = model.sym
     drawer = _Drawer(shaping, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
@@ -457,9 +486,17 @@ def _sample_batch(
     if plans is not None:
         masks = _PlannerMasks([p for p, _ in plans], g, sym.max_letters)
 
+    start = model.start_token(g, cond)
+    lattice = lat_emb = placement = None
+    if model.config.lattice_first:  # P(L | g): drawn before any atom, seen by every site
+        lattice = _draw_lattice(model, model.first_lattice_context(start, g), g, None)
+        lat_emb = model.lattice_embedding(lattice)
+        start = start + lat_emb.unsqueeze(1)
+        if thresholds is not None:
+            placement = Placement(lattice, thresholds)
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
-    tokens = [model.start_token(g, cond)]  # only used without the cache
-    h = model.backbone(tokens[0], caches, offset=0)[:, -1]  # token 0: group and conditions
+    tokens = [start]  # only used without the cache
+    h = model.backbone(start, caches, offset=0)[:, -1]  # token 0: group, conditions (lattice)
     max_sites = model.config.max_sites
     # Finished crystals leave the batch, so the long tail of a few big crystals costs only
     # their own rows; ``rows`` maps the active rows to the batch's crystals.
@@ -472,6 +509,7 @@ def _sample_batch(
     X = torch.zeros((max_sites, B, 3), device=device)
     present = torch.zeros(B, NUM_ELEMENTS, dtype=torch.bool, device=device)
     dead = torch.zeros(B, dtype=torch.bool, device=device)
+    site_redraws = torch.zeros(B, dtype=torch.long, device=device)
     steps = 0
     for k in range(max_sites + 1):
         n = len(rows)
@@ -487,9 +525,11 @@ def _sample_batch(
         if required is not None:
             missing = (required & ~present[rows]).any(-1)
             w_logits[missing, sym.pad] = float("-inf")
-        stuck = ~torch.isfinite(w_logits).any(-1)  # nothing legal: end it, redraw it
+        # nothing legal, or already condemned by the distance rule: end it, redraw it
+        stuck = ~torch.isfinite(w_logits).any(-1) | dead[rows]
         if bool(stuck.any()):
             dead[rows[stuck]] = True
+            w_logits[stuck] = float("-inf")
             w_logits[stuck, sym.pad] = 0.0
         w = _sample_logits(w_logits.cpu(), shaping, gen).to(device)
         ends = w == sym.pad
@@ -501,14 +541,38 @@ def _sample_batch(
             rows, h, g, w, prev_w, prev_a, first = (
                 t[keep] for t in (rows, h, g, w, prev_w, prev_a, first)
             )
+            if lat_emb is not None:
+                lat_emb = lat_emb[keep]
             for c in caches or ():
                 c["k"], c["v"] = c["k"][keep], c["v"][keep]
             tokens = [t[keep] for t in tokens]
             if masks is not None:
                 masks.keep(keep.tolist())
+            if placement is not None:
+                placement.keep(keep)
         allowed = allowed_a if masks is None else masks.elements(w, allowed_a, device)
-        step = model.site_content(h, g, w, prev_w, prev_a, first, allowed=allowed, draw=drawer)
+        step = model.site_content(
+            h, g, w, prev_w, prev_a, first, allowed=allowed, draw=drawer, lattice=lat_emb
+        )
         a, x = step.a, step.x
+        if placement is not None:
+            x, tries = _place(
+                model,
+                placement,
+                drawer,
+                step,
+                h,
+                g,
+                w,
+                prev_w,
+                prev_a,
+                first,
+                lat_emb,
+                max_site_tries,
+            )
+            site_redraws[rows] += tries.clamp(min=0)
+            dead[rows[tries < 0]] = True
+            placement.add(g, w, a, x)
         present[rows, a] = True
         if masks is not None:
             masks.advance(w, a, sym.multiplicity)
@@ -523,18 +587,54 @@ def _sample_batch(
         prev_w, prev_a = w, a
 
     sites_w, sites_a, sites_x = list(W[:steps]), list(A[:steps]), list(X[:steps])
-    lattice = _sample_lattice(model, h_end, g_all, sites_w)
+    if lattice is None:
+        lattice = _sample_lattice(model, h_end, g_all, sites_w)
+        if thresholds is not None:  # lattice last: the rule can only judge whole crystals
+            dead |= clashing_crystals(
+                lattice,
+                thresholds,
+                g_all,
+                list(zip(sites_w, sites_a, sites_x, strict=True)),
+                sym.pad,
+            )
     crystals = _to_crystals(g_all, sites_w, sites_a, sites_x, lattice, sym.pad)
-    return crystals, dead.cpu().tolist()
+    return _BatchResult(crystals, dead.cpu().tolist(), site_redraws.cpu().tolist())
 
 
-def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
+def _place(model, placement, drawer, step, h, g, w, prev_w, prev_a, first, lat_emb, tries):
+    """Redraw the coordinates of sites that break the distance rule (same letter and element),
+    up to ``tries`` times: exact draws from the coordinate density truncated to the allowed
+    region. Returns the coordinates and per row the redraws made (-1: could not be placed)."""
+    x = step.x
+    bad = placement.clashes(g, w, step.a, x)
+    count = torch.zeros(len(g), dtype=torch.long, device=g.device)
+    movable = model.sym.dof[g, w] > 0  # a site without free coordinates cannot move
+    for _ in range(tries):
+        redo = (bad & movable).nonzero().flatten()
+        if not len(redo):
+            break
+        again = model.site_content(
+            h[redo],
+            g[redo],
+            w[redo],
+            prev_w[redo],
+            prev_a[redo],
+            first[redo],
+            a=step.a[redo],
+            draw=drawer,
+            lattice=None if lat_emb is None else lat_emb[redo],
+        )
+        x = x.clone()
+        x[redo] = again.x
+        count[redo] += 1
+        bad[redo] = placement.clashes(g[redo], w[redo], step.a[redo], again.x, rows=redo)
+    return x, torch.where(bad, -1, count)
+
+
+def _draw_lattice(model, ctx: Tensor, g: Tensor, n_atoms: Tensor | None) -> Tensor:
+    """A lattice per crystal from the flow of its crystal system given the context; lengths
+    scaled by ``model.lattice_scale`` (the atom count with the lattice last)."""
     sym = model.sym
-    n_atoms = torch.zeros_like(g)
-    for w in sites_w:  # the end letter (PAD) has multiplicity 0
-        n_atoms = n_atoms + sym.multiplicity[g, w].long()
-    n_atoms = n_atoms.clamp(min=1)
-    ctx = model.lattice_context(h_end, g)
     system = sym.crystal_system[g]
     dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[system]
     z = torch.zeros(len(g), 6, device=g.device)
@@ -545,7 +645,17 @@ def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
             z[sel] = unpack_free(zs, system[sel])
     mean, std = model.lat_mean[system], model.lat_std[system]
     z = z * std + mean
-    return lattice_from_features(z, system, n_atoms)
+    scale = model.lattice_scale(torch.ones_like(g) if n_atoms is None else n_atoms)
+    return lattice_from_features(z, system, scale)
+
+
+def _sample_lattice(model, h_end, g, sites_w) -> Tensor:
+    """Lattice last: P(L | g, all sites), scaled by the atoms placed."""
+    sym = model.sym
+    n_atoms = torch.zeros_like(g)
+    for w in sites_w:  # the end letter (PAD) has multiplicity 0
+        n_atoms = n_atoms + sym.multiplicity[g, w].long()
+    return _draw_lattice(model, model.lattice_context(h_end, g), g, n_atoms.clamp(min=1))
 
 
 def _to_crystals(g, sites_w, sites_a, sites_x, lattice, pad) -> list[WyckoffCrystal]:

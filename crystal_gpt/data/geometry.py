@@ -1,0 +1,129 @@
+"""Interatomic distances in a periodic cell from the lattice parameters alone.
+
+One statement of the distance rule's geometry, shared by the training statistics (the shortest
+distance seen for each element pair) and the sampler's distance-aware placement. Distances use
+the metric tensor G (d^2 = df^T G df), so no Cartesian frame is needed, and the minimum over
+the 27 neighbouring images of the wrapped fractional difference (exact for cells whose reduced
+form is not extremely skewed, which conventional cells of real crystals are not).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crystal_gpt.data.symmetry import get_tables
+
+_IMAGES = torch.tensor(list(itertools.product((-1.0, 0.0, 1.0), repeat=3)), dtype=torch.float64)
+
+
+def metric_tensor(lattice: Tensor) -> Tensor:
+    """(..., 6) lattice parameters (Angstrom, degrees) -> (..., 3, 3) metric tensors."""
+    lengths = lattice[..., :3].double()
+    cos = torch.cos(torch.deg2rad(lattice[..., 3:].double()))
+    ca, cb, cg = cos.unbind(-1)
+    one = torch.ones_like(ca)
+    # angle between axes (i, j): alpha for (b, c), beta for (a, c), gamma for (a, b)
+    c = torch.stack(
+        [
+            torch.stack([one, cg, cb], -1),
+            torch.stack([cg, one, ca], -1),
+            torch.stack([cb, ca, one], -1),
+        ],
+        -2,
+    )
+    return c * lengths.unsqueeze(-1) * lengths.unsqueeze(-2)
+
+
+def periodic_distances(metric: Tensor, frac_diff: Tensor) -> Tensor:
+    """Shortest periodic distances for fractional differences (B, P, 3) under metrics
+    (B, 3, 3): the minimum over the 27 images of the wrapped difference."""
+    d = frac_diff.double()
+    d = d - torch.round(d)
+    d = d.unsqueeze(-2) + _IMAGES.to(d.device)  # (B, P, 27, 3)
+    sq = torch.einsum("bpki,bij,bpkj->bpk", d, metric.double(), d)
+    return sq.clamp(min=0).min(-1).values.sqrt()
+
+
+def orbit_tensors(device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The orbit operations of every Wyckoff position as tensors: (rot, trans, start, mult)."""
+    t = get_tables()
+    mult = torch.zeros(231, t.max_letters + 1, dtype=torch.long)
+    mult[:, : t.max_letters] = torch.as_tensor(t.multiplicity.astype("int64"))
+    start = torch.zeros(231, t.max_letters + 1, dtype=torch.long)
+    start[:, : t.max_letters] = torch.as_tensor(t.ops_start.astype("int64"))
+    rot = torch.as_tensor(t.ops_rot, dtype=torch.float64, device=device)
+    trans = torch.as_tensor(t.ops_trans, dtype=torch.float64, device=device)
+    return rot, trans, start.to(device), mult.to(device)
+
+
+def expand_orbits(
+    ops: tuple[Tensor, Tensor, Tensor, Tensor], g: Tensor, w: Tensor, x: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Images of representatives x (B, 3) on positions (g, w) (B,): (B, M, 3) coordinates in
+    [0, 1) and a (B, M) mask of the real ones (M = the largest multiplicity in the batch)."""
+    rot, trans, start, mult = ops
+    m = mult[g, w]
+    M = max(int(m.max()), 1) if len(m) else 1
+    k = torch.arange(M, device=g.device)
+    real = k.unsqueeze(0) < m.unsqueeze(1)
+    idx = torch.where(real, start[g, w].unsqueeze(1) + k, 0)
+    images = torch.einsum("bkij,bj->bki", rot[idx], x.double()) + trans[idx]
+    return torch.remainder(images, 1.0), real
+
+
+def shortest_pair_distances(
+    g: np.ndarray, w: np.ndarray, a: np.ndarray, x: np.ndarray, lattice: np.ndarray, n: np.ndarray
+) -> np.ndarray:
+    """(119, 119) shortest distance seen between each element pair over padded crystals
+    (g (N,), w/a (N, T), x (N, T, 3), lattice (N, 6), n sites (N,)); 0 for pairs never seen."""
+    ops = orbit_tensors()
+    best = np.full((119, 119), np.inf)
+    for i in range(len(g)):
+        k = int(n[i])
+        gi = torch.full((k,), int(g[i]))
+        pos, real = expand_orbits(ops, gi, torch.as_tensor(w[i, :k]), torch.as_tensor(x[i, :k]))
+        pos = pos[real]
+        species = torch.as_tensor(a[i, :k]).unsqueeze(1).expand_as(real)[real].numpy()
+        metric = metric_tensor(torch.as_tensor(lattice[i : i + 1]))
+        diff = (pos.unsqueeze(0) - pos.unsqueeze(1)).reshape(1, -1, 3)
+        dist = periodic_distances(metric, diff).reshape(len(pos), len(pos)).numpy()
+        np.fill_diagonal(dist, np.inf)  # an atom with itself (its own periodic images aside)
+        for p in range(len(pos)):
+            np.minimum.at(best[species[p]], species, dist[p])
+    best = np.minimum(best, best.T)
+    best[~np.isfinite(best)] = 0.0
+    return best
+
+
+def training_pair_distances(data) -> np.ndarray:
+    """``shortest_pair_distances`` of padded crystals (``data.batching.PaddedCrystals``)."""
+    return shortest_pair_distances(data.g, data.w, data.a, data.x, data.lattice, data.n)
+
+
+# The distance rule's default: a pair may come no closer than this fraction of the shortest
+# distance seen for it in training or of the sum of the atomic radii, whichever is shorter (a
+# pair seen once or twice, far apart, says little about how close it can come).
+DISTANCE_FRACTION = 0.75
+
+
+def atomic_radii() -> np.ndarray:
+    """(119,) atomic radii in Angstrom (pymatgen; 1.5 where none is tabulated)."""
+    from pymatgen.core.periodic_table import Element
+
+    out = np.zeros(119)
+    for z in range(1, 119):
+        el = Element.from_Z(z)
+        out[z] = float(el.atomic_radius or el.average_ionic_radius or 1.5)
+    return out
+
+
+def distance_thresholds(pair_min: np.ndarray, fraction: float = DISTANCE_FRACTION) -> np.ndarray:
+    """(119, 119) closest allowed approach of each element pair: ``fraction`` of the shortest
+    distance seen in training (``pair_min``, 0 where unseen) or of the radius sum if shorter."""
+    r = atomic_radii()
+    radius_sum = r[:, None] + r[None, :]
+    return fraction * np.where(pair_min > 0, np.minimum(pair_min, radius_sum), radius_sum)

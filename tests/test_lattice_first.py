@@ -1,0 +1,156 @@
+"""Lattice first and the distance rule: the order option, the geometry, and that distance-aware
+placement samples the model's density truncated to the allowed region exactly."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from crystal_gpt import encode_dataset
+from crystal_gpt.data.batching import PaddedCrystals
+from crystal_gpt.data.cache import EncodedDataset
+from crystal_gpt.data.codec import decode
+from crystal_gpt.data.geometry import (
+    distance_thresholds,
+    metric_tensor,
+    periodic_distances,
+    shortest_pair_distances,
+)
+from crystal_gpt.model.distributions import lattice_statistics
+from crystal_gpt.model.transformer import CrystalGPT
+from crystal_gpt.sampling.placement import Placement
+from crystal_gpt.sampling.sampler import sample_crystals
+from crystal_gpt.training import load_config
+from tests.test_calibration import sharpen, vm_cdf
+
+
+@pytest.fixture(scope="module")
+def carbon():
+    return PaddedCrystals(encode_dataset("carbon_24", "holdout", workers=1, progress=False))
+
+
+@pytest.fixture(scope="module")
+def first(carbon) -> CrystalGPT:
+    """An untrained tiny lattice-first model with chemistry-aware element embeddings."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny").model
+    cfg.lattice_first, cfg.element_features = True, True
+    m = CrystalGPT(cfg)
+    m.lat_mean[:], m.lat_std[:] = lattice_statistics(carbon, per_atom=False)
+    return m.eval()
+
+
+def closest_pair(structure) -> float:
+    d = structure.distance_matrix + np.eye(len(structure)) * 1e9
+    return float(d.min()) if len(structure) > 1 else np.inf
+
+
+def test_sites_see_the_lattice_and_the_lattice_does_not_see_the_sites(first, model, carbon):
+    batch = carbon.batch(np.arange(8))
+    other = {**batch, "lattice": batch["lattice"] * torch.tensor([1.1, 1.1, 1.1, 1, 1, 1])}
+    moved = {**batch, "x": torch.remainder(batch["x"] + 0.1, 1.0)}
+    a, b, c = (first(x, per_step=True) for x in (batch, other, moved))
+    assert not torch.allclose(a["W"], b["W"]) and not torch.allclose(a["X"], b["X"])
+    assert torch.allclose(a["L"], c["L"])  # P(L | g): no site enters it
+    # lattice last: the sites never see the lattice
+    a, b = model(batch), model(other)
+    assert torch.allclose(a["W"] + a["A"] + a["X"], b["W"] + b["A"] + b["X"])
+    assert not torch.allclose(a["L"], b["L"])
+
+
+def test_lattice_first_cache_matches_full_recompute_with_the_rule(first):
+    a = sample_crystals(first, 12, seed=3, min_distance=1.0)
+    b = sample_crystals(first, 12, seed=3, min_distance=1.0, use_cache=False)
+    assert all(x == y for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("which", ["first", "model"])
+def test_the_rule_holds_in_every_sample(which, request):
+    m = request.getfixturevalue(which)
+    kept = sample_crystals(m, 40, seed=0, min_distance=1.2, symprec=None)
+    assert min(closest_pair(decode(c)) for c in kept) >= 1.2 - 1e-6
+    free = sample_crystals(m, 40, seed=0, min_distance=0, symprec=None)
+    assert min(closest_pair(decode(c)) for c in free) < 1.2  # the rule did something
+    if which == "first":  # sites are redrawn, not whole crystals
+        assert sum(c.meta["site_redraws"] for c in kept) > 0
+
+
+def test_periodic_distances_and_pair_table_match_pymatgen(carbon):
+    ds = encode_dataset("mp_20", "train_first1000", workers=1, progress=False)
+    data = PaddedCrystals(ds)
+    idx = np.arange(25)
+    table = shortest_pair_distances(
+        data.g[idx], data.w[idx], data.a[idx], data.x[idx], data.lattice[idx], data.n[idx]
+    )
+    expect = np.zeros((119, 119))
+    for i in idx:
+        s = decode(ds[int(i)])
+        d = s.distance_matrix + np.eye(len(s)) * 1e9
+        z = np.array([sp.Z for sp in s.species])
+        for p in range(len(s)):
+            for q in range(len(s)):
+                if expect[z[p], z[q]] == 0 or d[p, q] < expect[z[p], z[q]]:
+                    expect[z[p], z[q]] = d[p, q]
+    expect[expect > 1e8] = 0
+    np.testing.assert_allclose(table, expect, atol=1e-4)
+    thr = distance_thresholds(table)
+    assert np.all(thr[1:, 1:] > 0) and np.all(thr[table > 0] <= 0.75 * table[table > 0] + 1e-12)
+
+
+def test_metric_tensor_gives_cartesian_lengths():
+    from pymatgen.core import Lattice
+
+    lat = Lattice.from_parameters(4.0, 5.0, 6.0, 80.0, 95.0, 110.0)
+    G = metric_tensor(torch.tensor([[4.0, 5.0, 6.0, 80.0, 95.0, 110.0]]))
+    np.testing.assert_allclose(G[0].numpy(), lat.matrix @ lat.matrix.T, atol=1e-9)
+    f = torch.tensor([[[0.3, -0.45, 0.2]]])
+    d = periodic_distances(G, f)
+    assert float(d) == pytest.approx(
+        lat.get_distance_and_image([0, 0, 0], f[0, 0].numpy())[0], abs=1e-9
+    )
+
+
+def test_placement_redraws_follow_the_truncated_density(first):
+    """Exactness: R-3m 6c (0, 0, z) with a rule that forbids z near its orbit images. The
+    accepted z are uniform under the model's z density truncated to the allowed set (computed on
+    a grid with the same rule), and not under the untruncated one."""
+    sharp = sharpen(first)
+    rule = 1.6
+    crystals = sample_crystals(
+        sharp, 400, seed=2, symprec=None, min_distance=rule, spacegroup=166, wyckoff_template="6c"
+    )
+    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), sharp.config.max_sites)
+    batch = data.batch(np.arange(len(data)))
+    with torch.no_grad():
+        out = sharp(batch, distributions=True)
+    params = out["x_params"][:, 2]  # one site per crystal: the z head
+    z = batch["x"][:, 0, 2]
+    grid = torch.linspace(0, 1, 513)[:-1] + 1 / 1024
+    n, G = len(z), len(grid)
+    placement = Placement(batch["lattice"].repeat_interleave(G, 0), torch.full((119, 119), rule))
+    xs = torch.zeros(n * G, 3)
+    xs[:, 2] = grid.repeat(n)
+    g = torch.full((n * G,), 166)
+    w = torch.full((n * G,), 2)  # letter index of 6c
+    allowed = ~placement.clashes(g, w, batch["a"][:, 0].repeat_interleave(G), xs)
+    allowed = allowed.view(n, G).double()
+    pdf = torch.stack(
+        [
+            torch.exp(
+                __import__(
+                    "crystal_gpt.model.distributions", fromlist=["x"]
+                ).von_mises_mixture_logpdf(grid, params[i].expand(G, -1))
+            ).double()
+            for i in range(n)
+        ]
+    )
+    mass = pdf * allowed
+    assert float((1 - mass.sum(1) / pdf.sum(1)).mean()) > 0.1  # the rule truncates a lot
+    cdf = mass.cumsum(1) / mass.sum(1, keepdim=True)
+    k = (z * G).floor().long().clamp(max=G - 1)
+    pit = (
+        cdf.gather(1, k[:, None])[:, 0]
+        - mass.gather(1, k[:, None])[:, 0] / mass.sum(1) * (1 - (z * G - k).double())
+    ).numpy()
+    assert stats.kstest(pit, "uniform").pvalue > 1e-3
+    assert stats.kstest(vm_cdf(z, params).numpy(), "uniform").pvalue < 1e-3
