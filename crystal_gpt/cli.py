@@ -186,6 +186,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         allow_unseen=args.allow_unseen,
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         min_distance=_parse_min_distance(args.min_distance),
+        charge_balanced=args.charge_balanced,
         progress=args.n >= 2000,
     )
     structures = [decode(c) for c in crystals]
@@ -495,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep samples whose spglib symmetry is higher than the sampled group instead of "
         "redrawing them (sampling ~7x faster; impossible cells are still redrawn)",
+    )
+    sa.add_argument(
+        "--charge-balanced",
+        action="store_true",
+        help="only charge-neutral compositions (SMACT's oxidation states; one element or only "
+        "metals also count), with look-ahead: no dead ends to redraw in the common case",
     )
     sa.add_argument(
         "--min-distance",

@@ -19,6 +19,8 @@ from importlib.resources import files
 import numpy as np
 from pymatgen.core import Composition, Structure
 
+from crystal_gpt.data.chemistry import smact_element
+
 # COV cutoffs (structure fingerprint distance, standardised composition fingerprint distance),
 # from CDVAE's compute_metrics.py (keys there: mp20, carbon, perovskite).
 COV_CUTOFFS: dict[str, tuple[float, float]] = {
@@ -77,17 +79,6 @@ def reduced_counts(composition: Composition | Mapping[str, float]) -> tuple[tupl
 
 
 @functools.cache
-def _smact_element(symbol: str) -> tuple[tuple[int, ...], float | None]:
-    import smact
-
-    try:
-        el = smact.Element(symbol)
-    except (NameError, KeyError, ValueError):  # not in SMACT's tables
-        return (), None
-    return tuple(el.oxidation_states or ()), el.pauling_eneg
-
-
-@functools.cache
 def _smact_valid(elements: tuple[str, ...], counts: tuple[int, ...]) -> bool:
     import smact
     from smact.screening import pauling_test
@@ -96,7 +87,7 @@ def _smact_valid(elements: tuple[str, ...], counts: tuple[int, ...]) -> bool:
         return True
     if all(e in smact.metals for e in elements):
         return True
-    info = [_smact_element(e) for e in elements]
+    info = [smact_element(e) for e in elements]
     ox_lists = [ox for ox, _ in info]
     enegs = [eneg for _, eneg in info]
     if any(len(ox) == 0 for ox in ox_lists):

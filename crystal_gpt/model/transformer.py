@@ -109,6 +109,7 @@ class SiteStep:
     lp_x: Tensor  # (B,) free coordinates only
     a_logits: Tensor  # (B, 119) masked
     x_params: Tensor  # (B, 3, 3K) mixture parameters of x, y | x, z | x, y
+    ctx: Tensor  # (B, d) what the element and coordinate heads saw
 
 
 class CrystalGPT(nn.Module):
@@ -350,11 +351,26 @@ class CrystalGPT(nn.Module):
                 raise ValueError("site_content needs either a and x or a drawer")
             a = draw.categorical(a_logits)
         lp_a = F.log_softmax(a_logits, -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        x, lp_x, params = self.coordinates(ctx, g, w, a, x, draw)
+        return SiteStep(a, x, lp_a, lp_x, a_logits, params, ctx)
+
+    def coordinates(
+        self,
+        ctx: Tensor,
+        g: Tensor,
+        w: Tensor,
+        a: Tensor,
+        x: Tensor | None = None,
+        draw: Drawer | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The coordinate half of ``site_content`` given its context and element: coordinates,
+        their log density (free ones only) and the mixture parameters (n, 3, 3K). The distance
+        rule's redraws call it alone (``x`` None: drawn)."""
         free = self.sym.free_mask[g, w]
         sampling = x is None
         if sampling:
-            x = self.sym.project(g, w, torch.zeros(len(g), 3, device=h.device))
-        lp_x = torch.zeros_like(lp_a)
+            x = self.sym.project(g, w, torch.zeros(len(g), 3, device=ctx.device))
+        lp_x = torch.zeros(len(g), device=ctx.device)
         params = []
         for j in range(3):
             p = self.x_params(ctx, a, x, j)
@@ -364,7 +380,7 @@ class CrystalGPT(nn.Module):
                 x[free[:, j], j] = draw.von_mises(p[free[:, j]])
                 x = self.sym.project(g, w, x)
             lp_x = lp_x + torch.where(free[:, j], von_mises_mixture_logpdf(x[:, j], p), 0.0)
-        return SiteStep(a, x, lp_a, lp_x, a_logits, torch.stack(params, 1))
+        return x, lp_x, torch.stack(params, 1)
 
     def lattice_context(self, h_last: Tensor, g: Tensor) -> Tensor:
         return self.lattice_ctx(torch.cat([h_last, self.emb_g(g)], dim=-1))

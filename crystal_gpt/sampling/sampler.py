@@ -21,7 +21,12 @@ from crystal_gpt.data.codec import (
     decode,
     reduce_lattice_parameters,
 )
-from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, check_spacegroup, get_tables
+from crystal_gpt.data.symmetry import (
+    CRYSTAL_SYSTEMS,
+    check_spacegroup,
+    get_tables,
+    lowest_next_element,
+)
 from crystal_gpt.model.distributions import (
     LATTICE_DIMS,
     NUM_ELEMENTS,
@@ -29,6 +34,7 @@ from crystal_gpt.model.distributions import (
     unpack_free,
     von_mises_mixture_sample,
 )
+from crystal_gpt.sampling.charge import ChargeBalance
 from crystal_gpt.sampling.constraints import (
     ConstraintError,
     Planner,
@@ -143,6 +149,7 @@ def sample_crystals(
     max_redraws: int = 100,
     min_distance: float | str | None = "auto",
     max_site_tries: int = 20,
+    charge_balanced: bool = False,
     progress: bool = False,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
@@ -171,7 +178,11 @@ def sample_crystals(
     0.75 of the shortest distance of that element pair in the model's training data; a number:
     Angstrom for every pair; 0 or None: no rule). A lattice-first model redraws a clashing site's
     coordinates (up to ``max_site_tries``, then the crystal; ``meta['site_redraws']`` counts
-    them); a lattice-last model can only redraw the whole crystal."""
+    them); a lattice-last model can only redraw the whole crystal.
+
+    ``charge_balanced``: only compositions SMACT's neutrality test accepts (``sampling.charge``:
+    one oxidation state per element summing to zero, or one element, or only metals), with a
+    look-ahead that offers a letter or an element only if a balanced completion remains."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
@@ -238,6 +249,16 @@ def sample_crystals(
                 plans[key] = (planner, groups)
         return plans[key]
 
+    if charge_balanced and composition is not None:
+        raise ConstraintError(
+            "a composition fixes the charges: charge_balanced (--charge-balanced) does not "
+            "combine with composition (--composition)"
+        )
+    charge_atoms = None
+    if charge_balanced:
+        from crystal_gpt.sampling.constraints import parse_atom_range
+
+        charge_atoms = 64 if num_atoms is None else parse_atom_range(num_atoms)[1]
     rows = [plan(c) for c in composition] if per_crystal else [plan(composition)] * n
     thresholds = thresholds_for(model, min_distance)
     if thresholds is not None:
@@ -276,6 +297,7 @@ def sample_crystals(
                     required,
                     thresholds,
                     max_site_tries,
+                    charge_atoms,
                 )
                 done = 0
                 for i, crystal, stuck, moved in zip(idx, batch, dead, site_redraws, strict=True):
@@ -462,10 +484,12 @@ def _sample_batch(
     required: Tensor | None = None,
     thresholds: Tensor | None = None,
     max_site_tries: int = 20,
+    charge_atoms: int | None = None,
 ) -> _BatchResult:
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it;
     ``required``: elements every crystal must contain (the end is masked until they are);
-    ``thresholds``: the distance rule's (119, 119) closest approaches (None: no rule)."""
+    ``thresholds``: the distance rule's (119, 119) closest approaches (None: no rule);
+    ``charge_atoms``: charge balance with this many atoms per primitive cell at most."""
     sym = model.sym
     drawer = _Drawer(shaping, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
@@ -485,6 +509,7 @@ def _sample_batch(
     masks = None
     if plans is not None:
         masks = _PlannerMasks([p for p, _ in plans], g, sym.max_letters)
+    charge = None if charge_atoms is None else ChargeBalance(g, allowed_a, charge_atoms)
 
     start = model.start_token(g, cond)
     lattice = lat_emb = placement = None
@@ -525,6 +550,8 @@ def _sample_batch(
         if required is not None:
             missing = (required & ~present[rows]).any(-1)
             w_logits[missing, sym.pad] = float("-inf")
+        if charge is not None:
+            w_logits[~charge.letters(torch.isfinite(w_logits))] = float("-inf")
         # nothing legal, or already condemned by the distance rule: end it, redraw it
         stuck = ~torch.isfinite(w_logits).any(-1) | dead[rows]
         if bool(stuck.any()):
@@ -550,32 +577,27 @@ def _sample_batch(
                 masks.keep(keep.tolist())
             if placement is not None:
                 placement.keep(keep)
+            if charge is not None:
+                charge.keep(keep.tolist())
         allowed = allowed_a if masks is None else masks.elements(w, allowed_a, device)
+        if charge is not None:
+            allowed = _with_charge(
+                allowed, charge.elements(w), w, prev_w, prev_a, first, dead, rows
+            )
         step = model.site_content(
             h, g, w, prev_w, prev_a, first, allowed=allowed, draw=drawer, lattice=lat_emb
         )
         a, x = step.a, step.x
         if placement is not None:
-            x, tries = _place(
-                model,
-                placement,
-                drawer,
-                step,
-                h,
-                g,
-                w,
-                prev_w,
-                prev_a,
-                first,
-                lat_emb,
-                max_site_tries,
-            )
+            x, tries = _place(model, placement, drawer, step, g, w, max_site_tries)
             site_redraws[rows] += tries.clamp(min=0)
             dead[rows[tries < 0]] = True
             placement.add(g, w, a, x)
         present[rows, a] = True
         if masks is not None:
             masks.advance(w, a, sym.multiplicity)
+        if charge is not None:
+            charge.advance(w, a)
         W[k, rows], A[k, rows], X[k, rows] = w, a, x
         steps = k + 1
         emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
@@ -601,33 +623,44 @@ def _sample_batch(
     return _BatchResult(crystals, dead.cpu().tolist(), site_redraws.cpu().tolist())
 
 
-def _place(model, placement, drawer, step, h, g, w, prev_w, prev_a, first, lat_emb, tries):
+def _with_charge(allowed, balanced, w, prev_w, prev_a, first, dead, rows) -> Tensor:
+    """The element mask with charge balance; a row left with no element that also keeps the
+    canonical order is condemned (redrawn) and keeps its other constraints for this site."""
+    out = balanced if allowed is None else allowed & balanced
+    floor = torch.where(first, 0, lowest_next_element(w, prev_w, prev_a))
+    ordered = torch.arange(NUM_ELEMENTS, device=w.device) >= floor.unsqueeze(-1)
+    empty = ~(out & ordered).any(-1)
+    if bool(empty.any()):
+        dead[rows[empty]] = True
+        base = torch.ones_like(out) if allowed is None else allowed.expand_as(out)
+        out = torch.where(empty.unsqueeze(-1), base, out)
+    return out
+
+
+def _place(model, placement, drawer, step, g, w, tries: int, per_round: int = 4):
     """Redraw the coordinates of sites that break the distance rule (same letter and element),
-    up to ``tries`` times: exact draws from the coordinate density truncated to the allowed
-    region. Returns the coordinates and per row the redraws made (-1: could not be placed)."""
+    up to ``tries`` draws, ``per_round`` at a time: i.i.d. draws from the site's coordinate
+    density, the first allowed one kept, so the result follows the density truncated to the
+    allowed region exactly. Returns the coordinates and per row the rejected draws (-1: could not
+    be placed)."""
     x = step.x
     bad = placement.clashes(g, w, step.a, x)
     count = torch.zeros(len(g), dtype=torch.long, device=g.device)
     movable = model.sym.dof[g, w] > 0  # a site without free coordinates cannot move
-    for _ in range(tries):
+    for _ in range(-(-tries // per_round)):
         redo = (bad & movable).nonzero().flatten()
         if not len(redo):
             break
-        again = model.site_content(
-            h[redo],
-            g[redo],
-            w[redo],
-            prev_w[redo],
-            prev_a[redo],
-            first[redo],
-            a=step.a[redo],
-            draw=drawer,
-            lattice=None if lat_emb is None else lat_emb[redo],
-        )
+        rep = redo.repeat_interleave(per_round)
+        xs, _, _ = model.coordinates(step.ctx[rep], g[rep], w[rep], step.a[rep], draw=drawer)
+        ok = ~placement.clashes(g[rep], w[rep], step.a[rep], xs, rows=rep).view(-1, per_round)
+        found = ok.any(1)
+        first_ok = ok.int().argmax(1)
+        count[redo] += torch.where(found, first_ok, per_round)
+        hit = found.nonzero().flatten()
         x = x.clone()
-        x[redo] = again.x
-        count[redo] += 1
-        bad[redo] = placement.clashes(g[redo], w[redo], step.a[redo], again.x, rows=redo)
+        x[redo[hit]] = xs.view(-1, per_round, 3)[hit, first_ok[hit]]
+        bad[redo[hit]] = False
     return x, torch.where(bad, -1, count)
 
 
