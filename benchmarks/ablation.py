@@ -52,8 +52,18 @@ def run_row(name: str, spec: str, out: Path, n: int, workers: int) -> dict:
     print(log.strip().splitlines()[-1], file=sys.stderr)
     p05, p10 = closest_pairs(folder / "samples")
     subprocess.run(
-        ["crystal-gpt", "evaluate", str(folder / "samples"), "--dataset", "mp_20", "--out",
-         str(folder / "eval"), "--workers", str(workers), "--quiet"],
+        [
+            "crystal-gpt",
+            "evaluate",
+            str(folder / "samples"),
+            "--dataset",
+            "mp_20",
+            "--out",
+            str(folder / "eval"),
+            "--workers",
+            str(workers),
+            "--quiet",
+        ],
         check=True,
     )
     m = json.loads((folder / "eval" / "metrics.json").read_text())
@@ -97,7 +107,8 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
-        print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        cells = (f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values())
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

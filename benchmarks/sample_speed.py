@@ -5,7 +5,8 @@
 Prints crystals/s for: sampling alone (key/value cache), sampling with the full prefix re-run
 at every step (no cache), building pymatgen Structures, and the whole `crystal-gpt sample`
 path (sampling + structures + likelihoods + CIF/extxyz/CSV writing), sampling without the
-symmetry/cell check that redraws samples (its cost); then sampling with each
+symmetry/cell check, without the distance rule, and with charge balance (their costs, with
+the redraws they cause); then sampling with each
 kind of look-ahead constraint (composition, atoms per cell, Wyckoff template).
 """
 
@@ -48,15 +49,23 @@ def main() -> None:
     print(
         f"cache speed-up: {timings[False] / timings[True]:.2f}x "
         f"(mean {sum(c.num_sites for c in crystals) / len(crystals):.1f} sites per crystal; "
-        f"{sum(c.meta['redraws'] for c in crystals)} draws replaced)"
+        f"{sum(c.meta['redraws'] for c in crystals)} crystals redrawn, "
+        f"{sum(c.meta.get('site_redraws', 0) for c in crystals)} site coordinates redrawn)"
     )
-    # the cost of checking every sample's symmetry and cell (redraws), by turning it off
-    t0 = time.perf_counter()
-    sample_crystals(model, args.n, seed=0, symprec=None)
-    print(
-        f"sampling with KV cache, no symmetry/cell check: "
-        f"{args.n / (time.perf_counter() - t0):.0f} crystals/s"
-    )
+    # the cost of the symmetry/cell check and of the distance rule, by turning each off
+    for label, kwargs in (
+        ("no symmetry/cell check", {"symprec": None}),
+        ("no distance rule", {"min_distance": 0}),
+        ("neither", {"symprec": None, "min_distance": 0}),
+        ("charge balanced", {"charge_balanced": True}),
+    ):
+        t0 = time.perf_counter()
+        out = sample_crystals(model, args.n, seed=0, **kwargs)
+        print(
+            f"sampling with KV cache, {label}: {args.n / (time.perf_counter() - t0):.0f} "
+            f"crystals/s ({sum(c.meta['redraws'] for c in out)} crystals, "
+            f"{sum(c.meta.get('site_redraws', 0) for c in out)} site coordinates redrawn)"
+        )
     t0 = time.perf_counter()
     for c in crystals:
         decode(c)
