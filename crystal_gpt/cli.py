@@ -251,6 +251,7 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         description=f"model {args.model}; {args.dataset} {args.split}, {subset}",
+        min_distance=_parse_min_distance(args.min_distance),
     )
     out = result.write(args.out)
     summary = result.summary()
@@ -553,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--temperature", type=float, default=1.0)
     cs.add_argument("--top-p", type=float, default=1.0)
     cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument(
+        "--min-distance", default="auto", help="the sampler's distance rule (as for sample)"
+    )
     cs.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     cs.add_argument("--device", default="auto")
     cs.add_argument("--out", default="csp_eval", help="output folder (default ./csp_eval)")

@@ -144,8 +144,10 @@ def evaluate_csp(
     workers: int | None = None,
     progress: bool = True,
     description: str = "",
+    min_distance: float | str | None = "auto",
 ) -> CSPResult:
-    """Sample k structures per target composition and match them against the target."""
+    """Sample k structures per target composition and match them against the target
+    (``min_distance``: the sampler's distance rule)."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.utils import parallel_map
@@ -170,6 +172,7 @@ def evaluate_csp(
         seed=seed,
         batch_size=batch_size,
         progress=progress,
+        min_distance=min_distance,
     )
     generated: list[Structure | None] = []
     for c in crystals:
@@ -200,7 +203,8 @@ def evaluate_csp(
         },
         protocol=(
             f"CSP, composition = primitive cell of each target; {k} samples per target "
-            f"(temperature {temperature}, top-p {top_p}, seed {seed}); StructureMatcher(stol=0.5, "
+            f"(temperature {temperature}, top-p {top_p}, seed {seed}, min distance "
+            f"{min_distance}); StructureMatcher(stol=0.5, "
             "angle_tol=10, ltol=0.3); match rate over all targets, RMSE over matched"
             + (f"; {description}" if description else "")
         ),
