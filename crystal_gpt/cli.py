@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument(
         "--min-distance",
         default="auto",
-        help="closest approach of two atoms in Angstrom; 'auto' (default): 0.75 of the "
+        help="closest approach of two atoms in Angstrom; 'auto' (default): 0.8 of the "
         "shortest distance of that element pair in the model's training data; 0: no rule. "
         "A lattice-first model redraws a clashing site, a lattice-last one the crystal",
     )

@@ -12,6 +12,7 @@ from crystal_gpt.data.cache import EncodedDataset
 from crystal_gpt.data.codec import decode, encode
 from crystal_gpt.data.datasets import load_dataset
 from crystal_gpt.data.geometry import (
+    DISTANCE_FRACTION,
     distance_thresholds,
     metric_tensor,
     periodic_distances,
@@ -97,7 +98,8 @@ def test_periodic_distances_and_pair_table_match_pymatgen(carbon):
     expect[expect > 1e8] = 0
     np.testing.assert_allclose(table, expect, atol=1e-4)
     thr = distance_thresholds(table)
-    assert np.all(thr[1:, 1:] > 0) and np.all(thr[table > 0] <= 0.75 * table[table > 0] + 1e-12)
+    assert np.all(thr[1:, 1:] > 0)
+    np.testing.assert_allclose(thr[table > 0], DISTANCE_FRACTION * table[table > 0])
 
 
 def test_metric_tensor_gives_cartesian_lengths():

@@ -175,7 +175,7 @@ def sample_crystals(
     warning.
 
     Distance rule (``sampling.placement``): no two atoms closer than ``min_distance`` ("auto":
-    0.75 of the shortest distance of that element pair in the model's training data; a number:
+    0.8 of the shortest distance of that element pair in the model's training data; a number:
     Angstrom for every pair; 0 or None: no rule). A lattice-first model redraws a clashing site's
     coordinates (up to ``max_site_tries``, then the crystal; ``meta['site_redraws']`` counts
     them); a lattice-last model can only redraw the whole crystal.
