@@ -7,6 +7,8 @@ and the lattice is drawn in the crystal system's free parameters only.
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -151,6 +153,7 @@ def sample_crystals(
     max_site_tries: int = 20,
     charge_balanced: bool = False,
     progress: bool = False,
+    check_workers: int | None = None,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
     ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``temperature`` and
@@ -182,7 +185,11 @@ def sample_crystals(
 
     ``charge_balanced``: only compositions SMACT's neutrality test accepts (``sampling.charge``:
     one oxidation state per element summing to zero, or one element, or only metals), with a
-    look-ahead that offers a letter or an element only if a balanced completion remains."""
+    look-ahead that offers a letter or an element only if a balanced completion remains.
+
+    ``check_workers``: processes for the symmetry check (default: one fewer than the cores, for
+    runs of at least ``_POOL_MIN`` crystals; 0 = in this process); the samples do not depend
+    on it."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if not temperature > 0:
@@ -269,7 +276,7 @@ def sample_crystals(
     result: list[WyckoffCrystal | None] = [None] * n
     redraws = np.zeros(n, dtype=int)
     placed = np.zeros(n, dtype=int)  # coordinate redraws by the distance rule
-    pending = list(range(n))
+    pending = deque(range(n))  # crystals still to draw; a redraw goes to the back
     was_training = model.training
     model.eval()
     bar = None
@@ -277,52 +284,64 @@ def sample_crystals(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="sampling", unit="crystal")
+
+    def settle(idx, batch, dead, moved, reasons) -> None:
+        """Keep a checked batch's accepted crystals; send the others back to be redrawn."""
+        done = 0
+        for i, crystal, stuck, m, why in zip(idx, batch, dead, moved, reasons, strict=True):
+            placed[i] += m
+            reason = "a dead end (no room for every element, or atoms too close)" if stuck else why
+            if reason is None:
+                crystal.meta["redraws"] = int(redraws[i])
+                crystal.meta["site_redraws"] = int(placed[i])
+                result[i] = crystal
+                done += 1
+                continue
+            redraws[i] += 1
+            if redraws[i] > max_redraws:
+                raise ConstraintError(
+                    f"no acceptable crystal after {max_redraws} draws (last: {reason}); "
+                    "the request may be one the model cannot meet"
+                )
+            pending.append(i)
+        if bar is not None:
+            bar.update(done)
+
+    # The symmetry check of one batch runs in worker processes while the next batch is drawn;
+    # the schedule (a batch's redraws join the queue after the next batch is taken) is the same
+    # with or without workers, so a seed gives the same crystals either way.
+    checker = _Checker(symprec, workers=check_workers, n=n)
     # von Mises and flow draws use torch's global RNG: seed it without disturbing the caller's
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            while pending:
-                idx = pending[:batch_size]
-                todo = [rows[i] for i in idx]
-                batch, dead, site_redraws = _sample_batch(
-                    model,
-                    len(todo),
-                    spacegroup,
-                    Shaping(temperature, top_p),
-                    gen,
-                    device,
-                    allowed_a,
-                    use_cache,
-                    todo if todo[0][0] is not None else None,
-                    required,
-                    thresholds,
-                    max_site_tries,
-                    charge_atoms,
-                )
-                done = 0
-                for i, crystal, stuck, moved in zip(idx, batch, dead, site_redraws, strict=True):
-                    placed[i] += moved
-                    reason = (
-                        "a dead end (no room for every element, or atoms too close)"
-                        if stuck
-                        else _reject(crystal, symprec)
+            in_flight = None
+            while pending or in_flight is not None:
+                drawn = None
+                if pending:
+                    idx = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                    todo = [rows[i] for i in idx]
+                    batch, dead, moved = _sample_batch(
+                        model,
+                        len(todo),
+                        spacegroup,
+                        Shaping(temperature, top_p),
+                        gen,
+                        device,
+                        allowed_a,
+                        use_cache,
+                        todo if todo[0][0] is not None else None,
+                        required,
+                        thresholds,
+                        max_site_tries,
+                        charge_atoms,
                     )
-                    if reason is None:
-                        crystal.meta["redraws"] = int(redraws[i])
-                        crystal.meta["site_redraws"] = int(placed[i])
-                        result[i] = crystal
-                        done += 1
-                        continue
-                    redraws[i] += 1
-                    if redraws[i] > max_redraws:
-                        raise ConstraintError(
-                            f"no acceptable crystal after {max_redraws} draws (last: {reason}); "
-                            "the request may be one the model cannot meet"
-                        )
-                pending = [i for i in pending if result[i] is None]
-                if bar is not None:
-                    bar.update(done)
+                    drawn = (idx, batch, dead, moved, checker.submit(batch, dead))
+                if in_flight is not None:
+                    settle(*in_flight[:4], checker.result(in_flight[4]))
+                in_flight = drawn
         finally:
+            checker.close()
             model.train(was_training)
             if bar is not None:
                 bar.close()
@@ -412,6 +431,42 @@ def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
     if int(found.number) != crystal.spacegroup:
         return f"symmetry {int(found.number)} instead of the sampled {crystal.spacegroup}"
     return None
+
+
+_POOL_MIN = 256  # fewer crystals are checked in this process: a pool costs more to start
+
+
+def _reject_job(job: tuple[WyckoffCrystal, float | None]) -> str | None:
+    return _reject(*job)
+
+
+class _Checker:
+    """``_reject`` over whole batches, in worker processes for large runs: ``submit`` returns
+    at once, ``result`` waits for that batch's reasons (None = accepted)."""
+
+    def __init__(self, symprec: float | None, workers: int | None, n: int) -> None:
+        from crystal_gpt.utils import process_pool
+
+        self.symprec = symprec
+        if workers is None:
+            workers = (os.cpu_count() or 1) - 1 if n >= _POOL_MIN else 0
+        self.pool = process_pool(workers) if workers > 0 else None
+
+    def submit(self, crystals: list[WyckoffCrystal], dead: list[bool]):
+        jobs = [(c, self.symprec) for c, stuck in zip(crystals, dead, strict=True) if not stuck]
+        if self.pool is None:
+            return [_reject(*job) for job in jobs], dead
+        return self.pool.map_async(_reject_job, jobs, chunksize=16), dead
+
+    def result(self, handle) -> list[str | None]:
+        pending, dead = handle
+        reasons = iter(pending if isinstance(pending, list) else pending.get())
+        return [None if stuck else next(reasons) for stuck in dead]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 class _PlannerMasks:
