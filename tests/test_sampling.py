@@ -104,6 +104,15 @@ def test_cache_and_full_recompute_sample_the_same(model):
     assert all(x == y for x, y in zip(a, b, strict=True))
 
 
+def test_check_workers_do_not_change_the_samples(model):
+    """The symmetry check in worker processes (small batches: several in flight, redraws
+    among them) gives the same crystals as the check in this process."""
+    here = sample_crystals(model, 30, seed=4, batch_size=8, check_workers=0)
+    pooled = sample_crystals(model, 30, seed=4, batch_size=8, check_workers=2)
+    assert sum(c.meta["redraws"] for c in here) > 0
+    assert all(x == y and x.meta == y.meta for x, y in zip(here, pooled, strict=True))
+
+
 def test_top_p_keeps_the_nucleus():
     from crystal_gpt.sampling.sampler import _sample_logits
 
