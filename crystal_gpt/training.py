@@ -30,6 +30,7 @@ from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.cache import EncodedDataset, encode_dataset
 from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.checkpoints import load_model as load_model  # the one loader
+from crystal_gpt.model.checkpoints import read_checkpoint
 from crystal_gpt.model.distributions import lattice_statistics, spacegroup_prior
 from crystal_gpt.model.transformer import (
     PARTS,
@@ -267,7 +268,7 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0}
     if resume and last_path.exists():
-        ck = torch.load(last_path, map_location=device, weights_only=False)
+        ck = read_checkpoint(last_path, map_location=device)
         model.load_weights(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]

@@ -289,3 +289,32 @@ def test_composition_conditioned_model(data):
         sample_crystals(m, 2)
     crystals = sample_crystals(m, 6, composition="Li2MnO3", seed=0)
     assert {decode(c).composition.reduced_formula for c in crystals} == {"Li2MnO3"}
+
+
+class _Payload:
+    """Unpickling this object would run a command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_loading_a_checkpoint_never_runs_code(tmp_path):
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.model.checkpoints import load_model
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_config": {}, "x": _Payload(marker)}, evil)
+    with pytest.raises(ValueError, match="not a readable crystal-gpt checkpoint"):
+        load_model(evil)
+    assert cli_main(["sample", "-n", "1", "--model", str(evil), "--out", str(tmp_path / "s")])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00\x01 not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_model(junk)
+    assert not marker.exists()

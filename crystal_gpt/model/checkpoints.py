@@ -28,11 +28,28 @@ def _models_dir() -> Path:
     return Path(str(resources.files("crystal_gpt") / "models"))
 
 
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint's contents without running code: torch's weights-only unpickler accepts
+    tensors, numbers, strings and containers only, so a file crafted to execute something on
+    load is refused (with this message) instead of run."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: not a readable crystal-gpt checkpoint (only weights-only files load: "
+            f"{first[:200]})"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not a crystal-gpt checkpoint (no model weights in it)")
+    return state
+
+
 def list_models() -> dict[str, dict]:
     """Bundled models: name -> metadata (training data, parameters, test NLL, file size)."""
     out = {}
     for path in sorted(_models_dir().glob("*.pt")):
-        meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
+        meta = read_checkpoint(path).get("meta", {})
         out[path.stem] = {**meta, "file": str(path), "size_mb": path.stat().st_size / 1e6}
     return out
 
@@ -50,7 +67,7 @@ def load_model(
         raise FileNotFoundError(
             f"no model {str(name_or_path)!r}: not a file, nor a bundled model (bundled: {names})"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     cfg = state["config"]["model"] if "config" in state else state["model_config"]
     model = CrystalGPT(ModelConfig(**cfg))
     # bundled weights are float16: back to float32 (a no-op for a training checkpoint)
@@ -63,7 +80,7 @@ def load_model(
 def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     """Bundle a run's best checkpoint as float16 weights under crystal_gpt/models/NAME.pt."""
     run = Path(run_dir)
-    ck = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    ck = read_checkpoint(run / "best.pt")
     cfg = ck["config"]
     # P(g) has parameters of its own: its maximum-likelihood value is the smoothed training
     # histogram, whatever the optimiser reached (runs before that initialisation reached little)
