@@ -123,3 +123,12 @@ def test_top_p_keeps_the_nucleus():
     draws = _sample_logits(logits, (1.0, 1.0), gen)
     assert set(draws.tolist()) == {0, 1, 2, 3}
     assert set(_sample_logits(logits, (1.0, 0.1), gen).tolist()) == {0}
+
+
+def test_give_up_leaves_a_gap_instead_of_failing_the_run(model):
+    from crystal_gpt.sampling.constraints import ConstraintError
+
+    with pytest.raises(ConstraintError, match="no acceptable crystal after 2 draws"):
+        sample_crystals(model, 3, seed=0, min_distance=50.0, max_redraws=2)
+    out = sample_crystals(model, 3, seed=0, min_distance=50.0, max_redraws=2, give_up=True)
+    assert out == [None, None, None]

@@ -173,9 +173,13 @@ def evaluate_csp(
         batch_size=batch_size,
         progress=progress,
         min_distance=min_distance,
+        give_up=True,  # a composition the model cannot place counts as unmatched
     )
     generated: list[Structure | None] = []
     for c in crystals:
+        if c is None:
+            generated.append(None)
+            continue
         try:
             generated.append(decode(c))
         except Exception:  # a lattice the decoder rejects counts as a failed sample

@@ -154,6 +154,7 @@ def sample_crystals(
     charge_balanced: bool = False,
     progress: bool = False,
     check_workers: int | None = None,
+    give_up: bool = False,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
     ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``temperature`` and
@@ -186,6 +187,9 @@ def sample_crystals(
     ``charge_balanced``: only compositions SMACT's neutrality test accepts (``sampling.charge``:
     one oxidation state per element summing to zero, or one element, or only metals), with a
     look-ahead that offers a letter or an element only if a balanced completion remains.
+
+    ``give_up=True``: a crystal still unacceptable after ``max_redraws`` draws is None in the
+    result instead of an error for the whole run (benchmarks that must go on, e.g. CSP).
 
     ``check_workers``: processes for the symmetry check (default: one fewer than the cores, for
     runs of at least ``_POOL_MIN`` crystals; 0 = in this process); the samples do not depend
@@ -299,6 +303,10 @@ def sample_crystals(
                 continue
             redraws[i] += 1
             if redraws[i] > max_redraws:
+                if give_up:
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 raise ConstraintError(
                     f"no acceptable crystal after {max_redraws} draws (last: {reason}); "
                     "the request may be one the model cannot meet"
