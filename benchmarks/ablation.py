@@ -5,9 +5,10 @@
         --row "lattice first, rule=runs/mp20_lf/best.pt:auto" ...
 
 Each row samples n crystals with `crystal-gpt sample` (seed 0; timed as the command reports it:
-sampling, symmetry check, structures, likelihoods, files; not the interpreter's start), counts crystals with a pair closer than 0.5 / 1.0
-Angstrom (periodic images included), runs `crystal-gpt evaluate` on them (CDVAE metrics,
-uniqueness, novelty against the local training split, P1 share) and prints a markdown table.
+sampling, symmetry check, structures, likelihoods, files; not the interpreter's start), counts
+crystals with a pair closer than 0.5 / 1.0 Angstrom (periodic images included), runs
+`crystal-gpt evaluate` on them (CDVAE metrics, uniqueness, novelty against the local training
+split, P1 share) and prints a markdown table.
 `--no-eval` only samples, times and counts close pairs (the speed column on an idle machine).
 A row's options after the model path: the sampler's --min-distance, then extra sample flags
 (e.g. ":auto:--charge-balanced").
