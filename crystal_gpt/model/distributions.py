@@ -17,6 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, VonMises
+from torch.distributions.transforms import (
+    AffineTransform,
+    CatTransform,
+    ComposeTransform,
+    ExpTransform,
+    SigmoidTransform,
+)
 
 from crystal_gpt.data.symmetry import (
     CRYSTAL_SYSTEMS,
@@ -82,17 +89,23 @@ def lattice_used(system: Tensor) -> Tensor:
     return LATTICE_USED.to(system.device)[system].float()
 
 
+def lattice_transform(num_atoms: Tensor) -> CatTransform:
+    """The change of variables (a, b, c, alpha, beta, gamma) -> (log(length / N^(1/3)),
+    logit(angle / 180)) as torch transforms: inverse and log-Jacobian come with it."""
+    shift = -torch.log(num_atoms.float()).unsqueeze(-1) / 3
+    lengths = ComposeTransform([ExpTransform().inv, AffineTransform(shift, 1.0)])
+    angles = ComposeTransform([AffineTransform(0.0, 1 / 180.0), SigmoidTransform().inv])
+    return CatTransform([lengths, angles], dim=-1, lengths=[3, 3])
+
+
 def lattice_features(lattice: Tensor, system: Tensor, num_atoms: Tensor) -> tuple[Tensor, Tensor]:
-    """log(length / N^(1/3)) and logit(angle / 180); log-Jacobian over the free parameters."""
-    used = lattice_used(system)
-    lengths, angles = lattice[:, :3], lattice[:, 3:]
-    z_len = torch.log(lengths) - torch.log(num_atoms.float()).unsqueeze(-1) / 3
-    p = (angles / 180.0).clamp(1e-6, 1 - 1e-6)
-    z_ang = torch.log(p) - torch.log1p(-p)
-    jac_len = -torch.log(lengths)
-    jac_ang = -math.log(180.0) - torch.log(p) - torch.log1p(-p)
-    z = torch.cat([z_len, z_ang], dim=-1)
-    logdet = (torch.cat([jac_len, jac_ang], dim=-1) * used).sum(-1)
+    """Flow features of full lattices and the log-Jacobian over the free parameters (angles
+    kept 1e-6 of their range inside (0, 180) so the logit stays finite)."""
+    eps = 180.0 * 1e-6
+    lattice = torch.cat([lattice[:, :3], lattice[:, 3:].clamp(eps, 180.0 - eps)], dim=-1)
+    t = lattice_transform(num_atoms)
+    z = t(lattice)
+    logdet = (t.log_abs_det_jacobian(lattice, z) * lattice_used(system)).sum(-1)
     return z, logdet
 
 
@@ -129,9 +142,7 @@ def unpack_free(zs: Tensor, system: Tensor) -> Tensor:
 def lattice_from_features(z: Tensor, system: Tensor, num_atoms: Tensor) -> Tensor:
     """Inverse of the feature map: free features (B, 6) -> full (a, b, c, alpha, beta, gamma),
     the parameters the crystal system ties filled in from ``LATTICE_TIES``."""
-    lengths = torch.exp(z[:, :3] + torch.log(num_atoms.float()).unsqueeze(-1) / 3)
-    angles = 180.0 * torch.sigmoid(z[:, 3:])
-    params = torch.cat([lengths, angles], dim=-1)
+    params = lattice_transform(num_atoms).inv(z)
     used = LATTICE_USED.to(z.device)[system]
     fill = _FILL.to(device=z.device, dtype=params.dtype)[system]
     fill = torch.where(fill.isnan(), params[:, :1].expand_as(fill), fill)
