@@ -262,7 +262,10 @@ def default_matcher():
 
 def unique_mask(structures: Sequence[Structure], matcher=None) -> np.ndarray:
     """True for the first crystal of each class of matching structures (compared only within
-    the same reduced formula, so the cost is quadratic per formula, not per set)."""
+    the same reduced formula, so the cost is quadratic per formula, not per set). The classes
+    are those of ``StructureMatcher.group_structures`` (each crystal against the first member
+    of every earlier class; equal on 600 samples), but that reduces every crystal up front:
+    7.5 s against 0.17 s here for 600 samples, where most formulas have one member."""
     matcher = matcher or default_matcher()
     by_formula: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(structures):
