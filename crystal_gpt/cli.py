@@ -16,7 +16,7 @@ from crystal_gpt.data.cache import EncodedDataset, cache_dir, encode_dataset
 from crystal_gpt.data.codec import DEFAULT_SYMPREC
 from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
 from crystal_gpt.data.statistics import dataset_statistics, print_statistics
-from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
+from crystal_gpt.data.symmetry import get_tables
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -126,27 +126,6 @@ def cmd_nll(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_spacegroups(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-
-    tables = get_tables()
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part in CRYSTAL_SYSTEMS:
-            index = CRYSTAL_SYSTEMS.index(part)
-            out += [g for g in range(1, 231) if tables.crystal_system[g] == index]
-        elif part.isdigit():
-            out.append(int(part))
-        else:
-            symbols = [str(s).replace("_", "") for s in tables.symbol]
-            if part.replace("_", "") not in symbols:
-                raise ValueError(f"unknown space group or crystal system {part!r}")
-            out.append(symbols.index(part.replace("_", "")))
-    return out
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import time
 
@@ -163,21 +142,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("-n must be at least 1")
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    groups = _parse_spacegroups(args.spacegroup)
     t0 = time.perf_counter()
-
-    def split(text: str | None) -> list[str] | None:
-        return [e.strip() for e in text.split(",") if e.strip()] if text else None
 
     crystals = sample_crystals(
         model,
         args.n,
-        spacegroup=groups,
+        spacegroup=args.spacegroup,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        elements=split(args.elements),
-        exclude_elements=split(args.exclude_elements),
+        elements=args.elements,
+        exclude_elements=args.exclude_elements,
         composition=args.composition,
         formula_units=args.formula_units,
         num_atoms=args.num_atoms,

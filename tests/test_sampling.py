@@ -132,3 +132,24 @@ def test_give_up_leaves_a_gap_instead_of_failing_the_run(model):
         sample_crystals(model, 3, seed=0, min_distance=50.0, max_redraws=2)
     out = sample_crystals(model, 3, seed=0, min_distance=50.0, max_redraws=2, give_up=True)
     assert out == [None, None, None]
+
+
+def test_python_api_reads_the_same_text_as_the_cli(model):
+    from crystal_gpt.sampling.sampler import parse_spacegroups
+
+    assert parse_spacegroups("Fm-3m") == [225] and parse_spacegroups("P6_3/mmc") == [194]
+    assert parse_spacegroups("194, 225") == [194, 225] and parse_spacegroups(["Fm-3m", 1]) == [
+        225,
+        1,
+    ]
+    assert len(parse_spacegroups("cubic")) == 36
+    with pytest.raises(ValueError, match="unknown space group"):
+        parse_spacegroups("Fm3x")
+    a = sample_crystals(model, 4, spacegroup="Fm-3m", elements="Na,Cl", seed=1)
+    b = sample_crystals(model, 4, spacegroup=[225], elements=["Na", "Cl"], seed=1)
+    assert all(x == y for x, y in zip(a, b, strict=True))
+    assert {c.spacegroup for c in a} == {225}
+    assert {int(z) for c in a for z in c.species} <= {11, 17}
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_crystals(model, 1, temperature=bad)

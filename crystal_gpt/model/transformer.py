@@ -556,12 +556,12 @@ class CrystalGPT(nn.Module):
         self,
         n: int,
         *,
-        spacegroup: int | list[int] | None = None,
+        spacegroup: int | str | list[int | str] | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        elements: list[str] | None = None,
-        exclude_elements: list[str] | None = None,
+        elements: str | list[str] | None = None,
+        exclude_elements: str | list[str] | None = None,
         composition=None,
         formula_units: int | None = None,
         num_atoms=None,
@@ -570,7 +570,8 @@ class CrystalGPT(nn.Module):
         allow_unseen: bool = False,
     ) -> list:
         """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
-        group (one number or a list); ``elements`` / ``exclude_elements`` restrict atom types;
+        group (a number, a symbol such as 'Fm-3m', a crystal system, or a list of these);
+        ``elements`` / ``exclude_elements`` restrict atom types ('Li,O' or a list);
         ``composition`` (e.g. 'Li4Fe4P4O16', per primitive cell), ``num_atoms`` (N or (low,
         high)) and ``wyckoff_template`` ('4a 4b') are met exactly; ``chemsys`` ('Li-Fe-P-O')
         gives exactly those elements, all present; ``allow_unseen`` lifts the default

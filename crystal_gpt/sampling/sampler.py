@@ -85,13 +85,48 @@ class _Drawer:
         return von_mises_mixture_sample(params.cpu(), self.gen).to(params.device)
 
 
-def spacegroup_mask(spacegroups: int | Iterable[int] | None, device) -> Tensor:
+def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]:
+    """Space groups from what a user writes: numbers, Hermann-Mauguin symbols ('Fm-3m',
+    'P6_3/mmc'), crystal systems ('cubic'), or a comma-separated list of these ('194,225')."""
+    if isinstance(spacegroups, int | np.integer):
+        return [int(spacegroups)]
+    parts = spacegroups.split(",") if isinstance(spacegroups, str) else list(spacegroups)
+    tables = get_tables()
+    symbols = [str(s).replace("_", "") for s in tables.symbol]
+    out: list[int] = []
+    for part in parts:
+        if isinstance(part, int | np.integer):
+            out.append(int(part))
+            continue
+        part = str(part).strip()
+        if part in CRYSTAL_SYSTEMS:
+            index = CRYSTAL_SYSTEMS.index(part)
+            out += [g for g in range(1, 231) if tables.crystal_system[g] == index]
+        elif part.isdigit():
+            out.append(int(part))
+        elif part.replace("_", "") in symbols:
+            out.append(symbols.index(part.replace("_", "")))
+        else:
+            raise ValueError(f"unknown space group or crystal system {part!r}")
+    return out
+
+
+def parse_elements(elements: str | Iterable[str] | None) -> list[str] | None:
+    """'Li,Fe,O' or a list -> symbols (validated where they are used)."""
+    if elements is None:
+        return None
+    if isinstance(elements, str):
+        elements = elements.split(",")
+    return [str(e).strip() for e in elements if str(e).strip()]
+
+
+def spacegroup_mask(spacegroups: int | str | Iterable[int | str] | None, device) -> Tensor:
     """Allowed space groups as a (231,) bool mask (index 0 never allowed)."""
     mask = torch.zeros(231, dtype=torch.bool, device=device)
     if spacegroups is None:
         mask[1:] = True
         return mask
-    groups = [spacegroups] if isinstance(spacegroups, int | np.integer) else list(spacegroups)
+    groups = parse_spacegroups(spacegroups)
     if not groups:
         raise ValueError("no space group to sample from")
     for g in groups:
@@ -133,7 +168,7 @@ def sample_crystals(
     model: CrystalGPT,
     n: int,
     *,
-    spacegroup: int | Iterable[int] | None = None,
+    spacegroup: int | str | Iterable[int | str] | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
@@ -196,8 +231,11 @@ def sample_crystals(
     on it."""
     if n < 0:
         raise ValueError("n must be >= 0")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if spacegroup is not None:
+        spacegroup = parse_spacegroups(spacegroup)
+    elements, exclude_elements = parse_elements(elements), parse_elements(exclude_elements)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
