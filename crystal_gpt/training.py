@@ -77,7 +77,49 @@ class TrainConfig:
         mknown = {f.name for f in dataclasses.fields(ModelConfig)}
         if set(model) - mknown:
             raise ValueError(f"unknown model settings: {sorted(set(model) - mknown)}")
-        return cls(**d, model=ModelConfig(**model))
+        cfg = cls(**d, model=ModelConfig(**model))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Every setting of the right type and in range, named in the error (before any work:
+        ``batch_size=0`` would otherwise loop forever, ``lr='abc'`` fail deep in the optimiser)."""
+        ints = {"epochs": 1, "batch_size": 1, "warmup_steps": 0, "patience": 1, "seed": 0}
+        optional_ints = {"max_tokens": 1, "threads": 1, "limit": 1}
+        floats = {"lr": 0.0, "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0}
+        model_ints = {
+            "d_model": 1, "n_layers": 1, "n_heads": 1, "d_ff": 1, "coord_mixtures": 1,
+            "fourier_freqs": 1, "max_sites": 1, "flow_transforms": 1, "flow_hidden": 1,
+        }  # fmt: skip
+
+        def check(name: str, value, low, kind) -> None:
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if kind is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                ok = ok and math.isfinite(value)
+            if not ok or value < low:
+                what = "a whole number" if kind is int else "a number"
+                raise ValueError(f"setting {name}={value!r} must be {what} >= {low}")
+
+        for name, low in ints.items():
+            check(name, getattr(self, name), low, int)
+        for name, low in optional_ints.items():
+            if getattr(self, name) is not None:
+                check(name, getattr(self, name), low, int)
+        for name, low in floats.items():
+            check(name, getattr(self, name), low, float)
+        if not self.lr > 0:
+            raise ValueError(f"setting lr={self.lr!r} must be positive")
+        for name, low in model_ints.items():
+            check(f"model.{name}", getattr(self.model, name), low, int)
+        check("model.dropout", self.model.dropout, 0.0, float)
+        if self.model.dropout >= 1:
+            raise ValueError(f"setting model.dropout={self.model.dropout!r} must be below 1")
+        if self.model.d_model % self.model.n_heads:
+            raise ValueError(
+                f"model.d_model={self.model.d_model} must be a multiple of "
+                f"model.n_heads={self.model.n_heads}"
+            )
 
 
 def preset_path(name: str) -> Path:
@@ -128,9 +170,22 @@ def _merge(a: dict, b: dict) -> dict:
 
 # ---------------------------------------------------------------- helpers
 def pick_device(name: str) -> torch.device:
+    """'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'; a device this machine
+    lacks is a one-line error, not a failure deep inside torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU (try cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

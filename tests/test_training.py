@@ -2,6 +2,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -160,3 +161,35 @@ def test_cli_train_and_nll(tmp_path, capsys):
     assert res["crystals"] == 102 and np.isfinite(res["nll_total"])
     assert cli_main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("batch_size=0", "batch_size=0 must be a whole number >= 1"),
+        ("lr=abc", "lr='abc' must be a number"),
+        ("model.d_model=33", "must be a multiple of model.n_heads"),
+        ("epochs=0", "epochs=0 must be a whole number >= 1"),
+        ("epochs=-1", "epochs=-1"),
+        ("limit=0", "limit=0"),
+        ("model.dropout=1.5", "must be below 1"),
+    ],
+)
+def test_bad_settings_are_named_before_any_work(override, message, tmp_path):
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.training import load_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config("tiny", None, [override])
+    assert cli_main(["train", "--preset", "tiny", "--out", str(tmp_path), "--set", override]) == 2
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    from crystal_gpt.training import pick_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        pick_device("gpu0")
