@@ -282,6 +282,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         if not resume and last_path.exists():
             raise ValueError(f"{out} already holds a run; pass --resume or choose another --out")
+        if resume and not last_path.exists():
+            raise ValueError(f"--resume: {out} holds no checkpoint (last.pt) to resume from")
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     torch.manual_seed(cfg.seed)
@@ -328,6 +330,12 @@ def train(
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         torch.set_rng_state(ck["torch_rng"])
+        if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
+            raise ValueError(
+                f"--resume: the run in {out} is finished (epoch {state['epoch']} of {cfg.epochs}"
+                f"{', stopped early' if state['bad_epochs'] >= cfg.patience else ''}): nothing to "
+                "resume (raise --epochs or patience to go on, or start a new --out)"
+            )
     ddp_model = (
         # a batch uses only the lattice flows of its crystal systems: the others get no gradient
         torch.nn.parallel.DistributedDataParallel(

@@ -73,6 +73,11 @@ def test_train_writes_logs_checkpoints_and_resumes_exactly(tmp_path, small_data)
         assert torch.allclose(p, q, atol=1e-6), k
     model = load_model(tmp_path / "a" / "best.pt")
     assert model.config.d_model == cfg.model.d_model
+    # nothing to resume: a finished run, a folder without a checkpoint
+    with pytest.raises(ValueError, match="is finished"):
+        train(cfg, tmp_path / "a", train_data=train_ds, val_data=val_ds, resume=True)
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        train(cfg, tmp_path / "c", train_data=train_ds, val_data=val_ds, resume=True)
 
 
 def test_early_stopping(tmp_path, small_data):
