@@ -17,6 +17,7 @@ from crystal_gpt.data.codec import DEFAULT_SYMPREC
 from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
 from crystal_gpt.data.statistics import dataset_statistics, print_statistics
 from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.utils import rate
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -134,7 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from crystal_gpt.data.batching import PaddedCrystals
     from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
     from crystal_gpt.model.checkpoints import load_model
-    from crystal_gpt.sampling.output import write_samples
+    from crystal_gpt.sampling.output import prepare_sample_folder, write_samples
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.training import pick_device
 
@@ -142,6 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("-n must be at least 1")
     device = pick_device(args.device)
     model = load_model(args.model, device)
+    prepare_sample_folder(args.out)  # a bad --out fails now, not after the sampling
     t0 = time.perf_counter()
 
     crystals = sample_crystals(
@@ -162,7 +164,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         min_distance=_parse_min_distance(args.min_distance),
         charge_balanced=args.charge_balanced,
-        progress=args.n >= 2000,
+        progress=args.n >= 100,
     )
     structures = [decode(c) for c in crystals]
     data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
@@ -177,7 +179,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     counts = Counter(c.spacegroup for c in crystals)
     top = ", ".join(f"{g}: {k}" for g, k in counts.most_common(5))
     print(
-        f"{len(crystals)} crystals in {dt:.1f} s ({len(crystals) / dt:.0f}/s) -> {out}/cif, "
+        f"{len(crystals)} crystals in {dt:.1f} s ({rate(len(crystals), dt)}) -> {out}/cif, "
         f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}; "
         f"{redrawn} crystals redrawn (symmetry higher than sampled, impossible cell, no room, "
         f"atoms too close), {moved} site coordinates redrawn (atoms too close)"

@@ -40,6 +40,13 @@ def fmt(x, digits: int | str = 2, missing: str = "-") -> str:
     return str(x)
 
 
+def rate(count: float, seconds: float, unit: str = "/s") -> str:
+    """A speed for a message: whole numbers from 10 up, two significant digits below (never
+    "0/s" for a slow run)."""
+    r = count / seconds if seconds > 0 else math.inf
+    return f"{r:.0f}{unit}" if r >= 10 or not math.isfinite(r) else f"{r:.2g}{unit}"
+
+
 def process_pool(workers: int):
     """A worker pool that plain user scripts can use: fork where the OS has it (no
     ``if __name__ == "__main__"`` guard needed, workers share the imported modules), else spawn.

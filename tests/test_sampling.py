@@ -153,3 +153,21 @@ def test_python_api_reads_the_same_text_as_the_cli(model):
     for bad in (float("inf"), float("nan"), 0.0):
         with pytest.raises(ValueError, match="temperature"):
             sample_crystals(model, 1, temperature=bad)
+
+
+def test_sample_checks_out_before_sampling_and_leaves_no_stale_files(tmp_path, capsys):
+    from crystal_gpt.cli import main as cli_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli_main(["sample", "-n", "2", "--out", str(blocker)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert cli_main(["sample", "-n", "2", "--out", str(blocker / "below")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    out = tmp_path / "s"
+    assert cli_main(["sample", "-n", "3", "--seed", "0", "--out", str(out)]) == 0
+    assert cli_main(["sample", "-n", "2", "--seed", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "cif").iterdir()) == [
+        "crystal_00000.cif",
+        "crystal_00001.cif",
+    ]

@@ -83,6 +83,27 @@ def wyckoff_cif(crystal: WyckoffCrystal, name: str = "crystal") -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_sample_folder(out_dir: str | Path) -> Path:
+    """Check, before any sampling, that ``out_dir`` can take a sample folder, and clear the
+    files a previous run left there (so no stale CIF sits beside a new summary); the errors
+    name the path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    try:
+        (out / "cif").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write there ({err.strerror})") from None
+    for old in (out / "cif").glob("crystal_*.cif"):
+        old.unlink()
+    for name in ("samples.extxyz", "summary.csv"):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
 def write_samples(
     crystals: list[WyckoffCrystal],
     structures: list[Structure],
