@@ -639,6 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # pymatgen's note on noble gases without a Pauling electronegativity (SMACT and the
+    # featurisers read it) says nothing to a user of the command line
+    warnings.filterwarnings("ignore", message="No Pauling electronegativity")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
