@@ -207,6 +207,10 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.training import pick_device
 
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1 (samples per composition), got {args.k}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     model = load_model(args.model, pick_device(args.device))
     data = load_dataset(args.dataset, args.split)
     records = list(data)

@@ -79,3 +79,11 @@ def test_bundled_csp_model_needs_and_honours_a_composition(tmp_path, capsys):
     assert cli_main(["sample", "--model", "mp_20_csp", "-n", "2", "--out", str(tmp_path)]) == 2
     assert "pass composition=" in capsys.readouterr().err
     assert lattice_points(62) == 1
+
+
+def test_bad_csp_arguments_fail_before_any_work(capsys):
+    from crystal_gpt.cli import main as cli_main
+
+    assert cli_main(["evaluate-csp", "-k", "0"]) == 2
+    assert "-k must be at least 1" in capsys.readouterr().err
+    assert cli_main(["evaluate-csp", "--limit", "0"]) == 2
