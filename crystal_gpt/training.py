@@ -330,6 +330,8 @@ def train(
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         torch.set_rng_state(ck["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in ck:  # dropout draws on the GPU resume too
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
         if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
             raise ValueError(
                 f"--resume: the run in {out} is finished (epoch {state['epoch']} of {cfg.epochs}"
@@ -406,7 +408,8 @@ def train(
             else:
                 state["bad_epochs"] += 1
         if distributed:  # every rank follows rank 0's early-stopping decision
-            flag = torch.tensor([state["bad_epochs"]], dtype=torch.long)
+            # on the process group's device: NCCL only moves CUDA tensors
+            flag = torch.tensor([state["bad_epochs"]], dtype=torch.long, device=device)
             dist.broadcast(flag, 0)
             state["bad_epochs"] = int(flag)
         if not is_main:
@@ -434,6 +437,7 @@ def train(
             "state": state,
             "config": cfg.to_dict(),
             "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             "train_crystals": len(train_set),
         }
         save_checkpoint(last_path, ck)
