@@ -295,6 +295,13 @@ def train(
         val_data = encode_dataset(
             cfg.dataset, cfg.val_split, symprec=cfg.symprec, progress=progress and is_main
         )
+    for label, data in (("training", train_data), ("hold-out", val_data)):
+        if data.errors and is_main:  # said, not silently dropped
+            print(
+                f"{len(data.errors)} {label} row(s) could not be encoded and are left out; "
+                f"first: {data.errors[0]}",
+                file=sys.stderr,
+            )
     if cfg.limit:
         train_data = train_data.select(np.arange(min(cfg.limit, len(train_data))))
     train_set = PaddedCrystals(train_data, cfg.model.max_sites)

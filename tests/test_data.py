@@ -131,3 +131,18 @@ def test_full_files_switch_to_standard_protocol(tmp_path, monkeypatch):
     assert [r.id for r in load_dataset("carbon_24", "train")] == ["train-0", "train-1", "train-2"]
     assert next(r.id for r in load_dataset("carbon_24", "holdout")) == "val-0"
     assert len(load_dataset("carbon_24", "test", limit=3)) == 3  # bundled test still found
+
+
+def test_a_csv_path_splits_into_train_and_holdout_without_overlap(tmp_path):
+    from crystal_gpt import encode_dataset
+
+    quoted = '"' + GOOD_CIF + '"'
+    path = write_csv(tmp_path / "many.csv", [f"{i},c-{i},{quoted},{i}" for i in range(40)])
+    whole = load_dataset(str(path))
+    train = load_dataset(str(path), "train")
+    hold = load_dataset(str(path), "holdout")
+    ids = lambda ds: {r.id for r in ds}  # noqa: E731
+    assert len(whole) == 40 and ids(train) | ids(hold) == ids(whole)
+    assert not ids(train) & ids(hold) and len(hold) >= 1
+    enc = encode_dataset(str(path), "holdout", workers=1, progress=False, use_cache=False)
+    assert sorted(enc.ids) == sorted(ids(hold))

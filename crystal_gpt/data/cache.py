@@ -30,6 +30,7 @@ from crystal_gpt.data.datasets import (
     RawRow,
     RowError,
     file_digest,
+    file_split_rows,
     parse_row,
     read_rows,
     split_sources,
@@ -291,7 +292,7 @@ def encode_file(
 
 def encode_dataset(
     name: str,
-    split: str = "train",
+    split: str | None = None,
     *,
     symprec: float = DEFAULT_SYMPREC,
     mode: str = "wyckoff",
@@ -300,7 +301,9 @@ def encode_dataset(
     use_cache: bool = True,
     progress: bool = True,
 ) -> EncodedDataset:
-    """A dataset split (or a CSV path) in the Wyckoff representation, cached on disk."""
+    """A dataset split (or a CSV path) in the Wyckoff representation, cached on disk (splits
+    as ``load_dataset``'s: a path is the whole file unless ``train`` / ``holdout`` is asked)."""
+    split = split or ("train" if name in DATASETS else "file")
     kwargs = dict(
         symprec=symprec, mode=mode, workers=workers, use_cache=use_cache, progress=progress
     )
@@ -309,9 +312,11 @@ def encode_dataset(
         if not path.is_file():
             known = ", ".join(DATASETS)
             raise DatasetError(f"unknown dataset {name!r}: not one of {known}, nor a CSV file")
-        return encode_file(path, **kwargs)  # type: ignore[arg-type]
+        sources = [(path, file_split_rows(path, split))]
+    else:
+        sources = split_sources(name, split, data_dir)
     parts = []
-    for path, rows in split_sources(name, split, data_dir):
+    for path, rows in sources:
         ds = encode_file(path, **kwargs)  # type: ignore[arg-type]
         if rows is not None:
             ds = ds.select(np.nonzero(np.isin(ds.rows, rows))[0])

@@ -187,6 +187,16 @@ def split_sources(
     return out
 
 
+def file_split_rows(path: Path, split: str) -> np.ndarray | None:
+    """Rows of a user's CSV file that a split takes: ``train`` / ``holdout`` split it with the
+    local protocol's seeded 5% hold-out (so early stopping never sees training rows); any
+    other split name is the whole file (None)."""
+    if split not in ("train", "holdout"):
+        return None
+    hold = holdout_mask(count_rows(path))
+    return np.nonzero(hold if split == "holdout" else ~hold)[0]
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
@@ -274,10 +284,12 @@ def iter_split_rows(
     name: str, split: str, data_dir: str | os.PathLike | None = None
 ) -> Iterator[RawRow]:
     """Raw rows of a named split, or of a CSV path given as ``name``."""
-    if _is_path(name):
-        yield from read_rows(Path(name))
-        return
-    for path, rows in split_sources(name, split, data_dir):
+    sources = (
+        [(Path(name), file_split_rows(Path(name), split))]
+        if _is_path(name)
+        else split_sources(name, split, data_dir)
+    )
+    for path, rows in sources:
         if rows is None:
             yield from read_rows(path)
             continue
@@ -293,7 +305,7 @@ def _is_path(name: str) -> bool:
 
 def load_dataset(
     name: str,
-    split: str = "train",
+    split: str | None = None,
     *,
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
@@ -301,9 +313,12 @@ def load_dataset(
 ) -> CrystalDataset:
     """Crystals of a named dataset split (or a CSV file path) as pymatgen Structures.
 
+    ``split`` defaults to ``train`` for a named dataset and to the whole file for a path; a
+    path with ``train`` / ``holdout`` is split by the seeded 5% hold-out (``file_split_rows``).
     Rows that fail to parse are listed in ``.errors`` with their row number and id (and a
     warning is issued); ``strict=True`` raises on the first one instead.
     """
+    split = split or ("file" if _is_path(name) else "train")
     if not _is_path(name) and name not in DATASETS:
         raise DatasetError(
             f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or a CSV path)"
