@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--dataset", help="dataset name or CDVAE-format CSV (default: mp_20)")
     tr.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, loss.png")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--seed", type=int)
+    tr.add_argument("--epochs", type=int, help="epochs of the schedule (preset's by default)")
+    tr.add_argument("--seed", type=int, help="for a reproducible run (default 0)")
     tr.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
     tr.add_argument("--threads", type=int, help="CPU threads for torch")
     tr.add_argument("--limit", type=int, help="use only the first N training crystals")
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nucleus sampling of the discrete choices (default 1: off)",
     )
     sa.add_argument("--seed", type=int, help="for reproducible samples")
-    sa.add_argument("--device", default="auto")
+    sa.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     sa.add_argument("--out", default="samples", help="output folder (default ./samples)")
     sa.set_defaults(func=cmd_sample)
 
@@ -527,19 +527,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="structure prediction: sample k crystals per test composition, match rate @1/@k",
     )
     cs.add_argument("--model", default="mp_20", help="bundled model name or checkpoint path")
-    cs.add_argument("--dataset", default="mp_20")
-    cs.add_argument("--split", default="test")
+    cs.add_argument("--dataset", default="mp_20", help="targets' dataset (default mp_20)")
+    cs.add_argument("--split", default="test", help="targets' split (default test)")
     cs.add_argument("-k", type=int, default=20, help="samples per composition (default 20)")
     cs.add_argument("--limit", type=int, help="a random subset of this many test crystals")
-    cs.add_argument("--subset-seed", type=int, default=0)
-    cs.add_argument("--temperature", type=float, default=1.0)
-    cs.add_argument("--top-p", type=float, default=1.0)
-    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--subset-seed", type=int, default=0, help="seed of --limit's subset")
+    cs.add_argument("--temperature", type=float, default=1.0, help="as for sample (default 1)")
+    cs.add_argument("--top-p", type=float, default=1.0, help="as for sample (default 1: off)")
+    cs.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     cs.add_argument(
         "--min-distance", default="auto", help="the sampler's distance rule (as for sample)"
     )
     cs.add_argument("--workers", type=int, help="worker processes (default: all cores)")
-    cs.add_argument("--device", default="auto")
+    cs.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     cs.add_argument("--out", default="csp_eval", help="output folder (default ./csp_eval)")
     cs.set_defaults(func=cmd_evaluate_csp)
 
@@ -631,13 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     nl = sub.add_parser("nll", help="exact negative log-likelihood of a split under a model")
     nl.add_argument("checkpoint", help="a run's best.pt / last.pt, or a bundled model name")
-    nl.add_argument("--dataset", default="mp_20")
-    nl.add_argument("--split", default="test")
-    nl.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC)
-    nl.add_argument("--device", default="auto")
-    nl.add_argument("--threads", type=int)
-    nl.add_argument("--json", action="store_true")
-    nl.add_argument("--quiet", action="store_true")
+    nl.add_argument("--dataset", default="mp_20", help="dataset name or CSV (default mp_20)")
+    nl.add_argument("--split", default="test", help="split to score (default test)")
+    nl.add_argument(
+        "--symprec", type=float, default=DEFAULT_SYMPREC, help="encoding tolerance in Angstrom"
+    )
+    nl.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
+    nl.add_argument("--threads", type=int, help="CPU threads for torch")
+    nl.add_argument("--json", action="store_true", help="print the figures as JSON")
+    nl.add_argument("--quiet", action="store_true", help="no progress bars")
     nl.set_defaults(func=cmd_nll)
     return ap
 

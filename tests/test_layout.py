@@ -116,3 +116,22 @@ def test_internal_imports_resolve_inside_the_package():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_command_line_option_says_what_it_does():
+    import argparse
+
+    from crystal_gpt.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield path, action
+
+    missing = [
+        f"{p} {a.option_strings or a.dest}" for p, a in walk(build_parser(), "") if not a.help
+    ]
+    assert not missing, missing
