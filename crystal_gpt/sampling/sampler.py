@@ -494,8 +494,9 @@ class _Checker:
         from crystal_gpt.utils import process_pool
 
         self.symprec = symprec
-        if workers is None:
-            workers = (os.cpu_count() or 1) - 1 if n >= _POOL_MIN else 0
+        if workers is None:  # without spglib the check is a decode: cheaper than shipping it
+            big = n >= _POOL_MIN and symprec is not None
+            workers = (os.cpu_count() or 1) - 1 if big else 0
         self.pool = process_pool(workers) if workers > 0 else None
 
     def submit(self, crystals: list[WyckoffCrystal], dead: list[bool]):
