@@ -17,6 +17,7 @@ A row's options after the model path: the sampler's --min-distance, then extra s
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import subprocess
@@ -54,8 +55,6 @@ def run_row(name: str, spec: str, out: Path, n: int, workers: int, evaluate: boo
     # the command's own timing: sampling to written files, without the interpreter's start
     seconds = float(re.search(r"crystals in ([0-9.]+) s", last).group(1))
     p05, p10 = closest_pairs(folder / "samples")
-    import csv
-
     with open(folder / "samples" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     counts = {

@@ -93,10 +93,8 @@ class TrainConfig:
         }  # fmt: skip
 
         def check(name: str, value, low, kind) -> None:
-            ok = isinstance(value, kind) and not isinstance(value, bool)
-            if kind is float:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-                ok = ok and math.isfinite(value)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = number and (isinstance(value, int) if kind is int else math.isfinite(value))
             if not ok or value < low:
                 what = "a whole number" if kind is int else "a number"
                 raise ValueError(f"setting {name}={value!r} must be {what} >= {low}")
@@ -284,6 +282,17 @@ def train(
             raise ValueError(f"{out} already holds a run; pass --resume or choose another --out")
         if resume and not last_path.exists():
             raise ValueError(f"--resume: {out} holds no checkpoint (last.pt) to resume from")
+    # read once, before any dataset work: a finished run has nothing to resume
+    ck = read_checkpoint(last_path, map_location=device) if resume and last_path.exists() else None
+    if ck is not None:
+        done = ck["state"]
+        if done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience:
+            raise ValueError(
+                f"--resume: the run in {out} is finished (epoch {done['epoch']} of {cfg.epochs}"
+                f"{', stopped early' if done['bad_epochs'] >= cfg.patience else ''}): nothing to "
+                "resume (raise --epochs or patience to go on, or start a new --out)"
+            )
+    if is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     torch.manual_seed(cfg.seed)
@@ -331,20 +340,13 @@ def train(
         raise ValueError(f"{len(train_set)} crystals make fewer batches than the {world} ranks")
     total_steps = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0}
-    if resume and last_path.exists():
-        ck = read_checkpoint(last_path, map_location=device)
+    if ck is not None:
         model.load_weights(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         torch.set_rng_state(ck["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in ck:  # dropout draws on the GPU resume too
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
-        if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
-            raise ValueError(
-                f"--resume: the run in {out} is finished (epoch {state['epoch']} of {cfg.epochs}"
-                f"{', stopped early' if state['bad_epochs'] >= cfg.patience else ''}): nothing to "
-                "resume (raise --epochs or patience to go on, or start a new --out)"
-            )
     ddp_model = (
         # a batch uses only the lattice flows of its crystal systems: the others get no gradient
         torch.nn.parallel.DistributedDataParallel(

@@ -7,6 +7,7 @@ and the lattice is drawn in the crystal system's free parameters only.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Iterable
@@ -92,7 +93,6 @@ def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]
         return [int(spacegroups)]
     parts = spacegroups.split(",") if isinstance(spacegroups, str) else list(spacegroups)
     tables = get_tables()
-    symbols = [str(s).replace("_", "") for s in tables.symbol]
     out: list[int] = []
     for part in parts:
         if isinstance(part, int | np.integer):
@@ -104,11 +104,17 @@ def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]
             out += [g for g in range(1, 231) if tables.crystal_system[g] == index]
         elif part.isdigit():
             out.append(int(part))
-        elif part.replace("_", "") in symbols:
-            out.append(symbols.index(part.replace("_", "")))
+        elif part.replace("_", "") in _symbol_numbers():
+            out.append(_symbol_numbers()[part.replace("_", "")])
         else:
             raise ValueError(f"unknown space group or crystal system {part!r}")
     return out
+
+
+@functools.cache
+def _symbol_numbers() -> dict[str, int]:
+    """Hermann-Mauguin symbol (underscores dropped) -> space-group number."""
+    return {str(sym).replace("_", ""): g for g, sym in enumerate(get_tables().symbol) if g}
 
 
 def parse_elements(elements: str | Iterable[str] | None) -> list[str] | None:
@@ -384,7 +390,8 @@ def sample_crystals(
                     )
                     drawn = (idx, batch, dead, moved, checker.submit(batch, dead))
                 if in_flight is not None:
-                    settle(*in_flight[:4], checker.result(in_flight[4]))
+                    *drawn_before, handle = in_flight
+                    settle(*drawn_before, checker.result(handle, in_flight[2]))
                 in_flight = drawn
         finally:
             checker.close()
@@ -482,10 +489,6 @@ def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
 _POOL_MIN = 256  # fewer crystals are checked in this process: a pool costs more to start
 
 
-def _reject_job(job: tuple[WyckoffCrystal, float | None]) -> str | None:
-    return _reject(*job)
-
-
 class _Checker:
     """``_reject`` over whole batches, in worker processes for large runs: ``submit`` returns
     at once, ``result`` waits for that batch's reasons (None = accepted)."""
@@ -502,12 +505,12 @@ class _Checker:
     def submit(self, crystals: list[WyckoffCrystal], dead: list[bool]):
         jobs = [(c, self.symprec) for c, stuck in zip(crystals, dead, strict=True) if not stuck]
         if self.pool is None:
-            return [_reject(*job) for job in jobs], dead
-        return self.pool.map_async(_reject_job, jobs, chunksize=16), dead
+            return [_reject(*job) for job in jobs]
+        return self.pool.starmap_async(_reject, jobs, chunksize=16)
 
-    def result(self, handle) -> list[str | None]:
-        pending, dead = handle
-        reasons = iter(pending if isinstance(pending, list) else pending.get())
+    @staticmethod
+    def result(handle, dead: list[bool]) -> list[str | None]:
+        reasons = iter(handle if isinstance(handle, list) else handle.get())
         return [None if stuck else next(reasons) for stuck in dead]
 
     def close(self) -> None:
