@@ -7,6 +7,7 @@ from pymatgen.core import Lattice, Structure
 from crystal_gpt.evaluation.csp import (
     CSPResult,
     _rms_distances,
+    crystal_validity,
     evaluate_csp,
     primitive_composition,
 )
@@ -35,16 +36,40 @@ def test_primitive_composition_and_matching_calibration():
 def test_csp_summary_arithmetic(tmp_path):
     nan = math.nan
     rms = np.array([[0.1, nan, 0.3], [nan, 0.2, 0.05], [nan, nan, nan], [nan, nan, nan]])
+    valid = np.ones((4, 3), dtype=bool)
     res = CSPResult(["a", "b", "c", "d"], ["X", "Y", "Z", "W"], rms,
-                    np.array([True, True, True, False]), protocol="p")  # fmt: skip
+                    np.array([True, True, True, False]), valid, np.ones(4, bool),
+                    protocol="p")  # fmt: skip
     s = res.summary()
     assert s["match_rate@1"] == 0.25 and math.isclose(s["rmse@1"], 0.1)
     assert s["match_rate@3"] == 0.5 and math.isclose(s["rmse@3"], (0.1 + 0.05) / 2)
+    assert s["ungated"]["match_rate@3"] == s["match_rate@3"]
     assert s["infeasible_compositions"] == 1
     res.write(tmp_path)
     assert json.loads((tmp_path / "csp.json").read_text())["targets"] == 4
     assert "match rate @3" in (tmp_path / "csp.md").read_text()
     assert len((tmp_path / "csp.csv").read_text().splitlines()) == 5
+
+
+def test_csp_validity_gate():
+    nan = math.nan
+    rms = np.array([[0.1, nan, 0.3], [0.2, 0.1, 0.05], [0.3, nan, nan]])
+    valid = np.array([[False, True, True], [True, True, False], [True, True, True]])
+    target_valid = np.array([True, True, False])
+    res = CSPResult(["a", "b", "c"], ["X", "Y", "Z"], rms, np.ones(3, bool), valid, target_valid)
+    s = res.summary()
+    # @1: a's prediction is invalid, c's target is invalid; only b counts (0.2).
+    assert math.isclose(s["match_rate@1"], 1 / 3) and math.isclose(s["rmse@1"], 0.2)
+    # @3: a keeps 0.3 (valid), b loses 0.05 (invalid) and keeps 0.1, c keeps 0.3.
+    assert s["match_rate@3"] == 1.0 and math.isclose(s["rmse@3"], (0.3 + 0.1 + 0.3) / 3)
+    assert s["ungated"]["match_rate@1"] == 1.0
+    assert math.isclose(s["ungated"]["rmse@3"], (0.1 + 0.05 + 0.3) / 3)
+    assert s["invalid_targets"] == 1 and math.isclose(s["valid_predictions"], 7 / 9)
+    # CDVAE's Crystal.valid: both rules, and a failed sample is invalid.
+    assert crystal_validity(_rocksalt()) and not crystal_validity(None)
+    assert not crystal_validity(Structure(Lattice.cubic(5), ["Na", "Cl"], [[0] * 3, [0.05] * 3]))
+    assert not crystal_validity(Structure(Lattice.cubic(5), ["Na", "Na", "Cl"],
+                                          [[0] * 3, [0.5] * 3, [0.25] * 3]))  # fmt: skip
 
 
 def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, capsys):

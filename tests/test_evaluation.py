@@ -79,7 +79,8 @@ def test_smact_rule_on_hand_picked_formulas():
 
 
 def _cdvae_rule(formula) -> bool:
-    """The published rule written out literally: every oxidation-state combination in turn."""
+    """The rule with the installed SMACT's ICSD-2024 table, written out literally: every
+    oxidation-state combination in turn (the 2014 rule: tests/test_smact_rule.py)."""
     import smact
     from smact.screening import pauling_test
 
@@ -91,7 +92,7 @@ def _cdvae_rule(formula) -> bool:
     if len(symbols) == 1 or all(s in smact.metals for s in symbols):
         return True
     elements = [smact.Element(s) for s in symbols]
-    for ox in itertools.product(*[e.oxidation_states or [] for e in elements]):
+    for ox in itertools.product(*[e.oxidation_states_icsd24 or [] for e in elements]):
         neutral = smact.neutral_ratios(
             ox, stoichs=[(int(c),) for c in counts], threshold=max(counts)
         )
@@ -100,9 +101,9 @@ def _cdvae_rule(formula) -> bool:
     return False
 
 
-def test_smact_rule_matches_a_literal_reimplementation(mp20_test_subset):
+def test_icsd24_rule_matches_a_literal_reimplementation(mp20_test_subset):
     comps = [r.structure.composition for r in mp20_test_subset][:200]
-    ours = [metrics.smact_validity(c) for c in comps]
+    ours = [metrics.smact_validity(c, "icsd24") for c in comps]
     assert ours == [_cdvae_rule(c) for c in comps]
 
 
@@ -229,7 +230,9 @@ def test_cli_evaluate_writes_report(sample_folder, tmp_path):
     assert m["validity"]["struct_valid"] == pytest.approx(100 * 7 / 8, abs=0.01)
     assert m["reference_crystals"] == 20 and m["uniqueness_novelty"]["train_crystals"] == 20
     report = (out / "report.md").read_text()
-    assert "COV-R" in report and "CDVAE (published)" in report and "Not the protocol" in report
+    assert "COV-R" in report and "CDVAE (published)" in report
+    assert "Not comparable with the published tables**: 8 generated" in report
+    assert m["comparable"] is False and len(m["departures"]) == 3  # crystals, property, limit
     for name in ("density.png", "num_elements.png", "lattice.png", "spacegroups.png"):
         assert (out / name).stat().st_size > 1000
     assert (out / "report.html").exists() and (out / "crystals.csv").exists()
@@ -246,3 +249,29 @@ def test_report_takes_stability_results(sample_folder, tmp_path):
     assert (out / "e_above_hull.png").exists()
     m = json.loads((out / "metrics.json").read_text())
     assert "e_above_hull" not in m["stability"] and m["stability"]["stable_0.1"] == 0.5
+
+
+def test_comparable_only_when_every_condition_holds():
+    from crystal_gpt.evaluation.suite import protocol_departures
+
+    ok = dict(
+        dataset="mp_20",
+        generated=10_000,
+        n_property_used=1000,
+        reference_split="test",
+        reference_limit=None,
+        cutoffs_given=False,
+        oxidation_table="smact14",
+    )
+    assert protocol_departures(**ok) == []
+    for key, bad, words in [
+        ("generated", 9_999, "9999 generated"),
+        ("n_property_used", 640, "640 valid"),
+        ("reference_split", "val", "'val'"),
+        ("reference_limit", 50, "first 50"),
+        ("cutoffs_given", True, "cutoffs given"),
+        ("oxidation_table", "icsd24", "'icsd24'"),
+        ("dataset", "mine.csv", "no published table"),
+    ]:
+        got = protocol_departures(**dict(ok, **{key: bad}))
+        assert len(got) == 1 and words in got[0], (key, got)

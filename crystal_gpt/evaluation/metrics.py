@@ -2,7 +2,7 @@
 
 Each function states the protocol it follows (docs: REFERENCE.md sections 1-2). The numbers are
 meant to sit next to published ones, so the rules are copied faithfully, quirks included: the
-SMACT charge-neutrality rule with ``Element.oxidation_states``, the fixed CDVAE standardisation of
+SMACT charge-neutrality rule with SMACT 2.2.1's oxidation states, the fixed CDVAE standardisation of
 the composition fingerprint, COV-P divided by all generated crystals. The per-crystal work
 (fingerprints, symmetry) lives in the evaluation suite; this module is the arithmetic.
 """
@@ -10,16 +10,17 @@ the composition fingerprint, COV-P divided by all generated crystals. The per-cr
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.resources import files
 
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from crystal_gpt.data.chemistry import smact_element
+from crystal_gpt.data.chemistry import smact_2_2_1, smact_element
 
 # COV cutoffs (structure fingerprint distance, standardised composition fingerprint distance),
 # from CDVAE's compute_metrics.py (keys there: mp20, carbon, perovskite).
@@ -78,54 +79,115 @@ def reduced_counts(composition: Composition | Mapping[str, float]) -> tuple[tupl
     return tuple(e.symbol for e, _ in items), tuple(c // g for c in counts)
 
 
-@functools.cache
-def _smact_valid(elements: tuple[str, ...], counts: tuple[int, ...]) -> bool:
-    import smact
-    from smact.screening import pauling_test
+# Which oxidation-state table the SMACT rule uses. "smact14": CDVAE's rule exactly as CDVAE ran
+# it, with SMACT 2.2.1 (the version it pins): the 2014 table, 2.2.1's Pauling electronegativities
+# and its pauling_test, whose TypeError on a missing electronegativity CDVAE caught and counted
+# as valid. This is what the published tables measured. "icsd24": the installed SMACT's ICSD-2024
+# table (``Element.oxidation_states`` since SMACT 3) and its own pauling_test, which returns
+# False on a missing electronegativity.
+OXIDATION_TABLES = ("smact14", "icsd24")
+DEFAULT_OXIDATION_TABLE = "smact14"
 
-    if len(elements) == 1:
-        return True
-    if all(e in smact.metals for e in elements):
-        return True
-    info = [smact_element(e) for e in elements]
-    ox_lists = [ox for ox, _ in info]
-    enegs = [eneg for _, eneg in info]
-    if any(len(ox) == 0 for ox in ox_lists):
-        return False
-    # Charge sums of all oxidation-state combinations, vectorised. neutral_ratios with a single
-    # allowed count per element is non-empty exactly when the sum is zero (the counts are already
-    # coprime), so only those combinations go through SMACT's own calls below.
+
+def _neutral_combinations(
+    ox_lists: Sequence[Sequence[int]], counts: Sequence[int]
+) -> Iterator[tuple[int, ...]]:
+    """Oxidation-state combinations with zero total charge, in ``itertools.product`` order.
+
+    ``neutral_ratios(ox, stoichs=[(c,)...])`` is non-empty exactly for these when the counts are
+    coprime (they are reduced by their gcd), so the sums are done as one array operation.
+    """
     total = np.zeros(1, dtype=np.int64)
     for ox, c in zip(ox_lists, counts, strict=True):
         total = np.add.outer(total, np.asarray(ox, dtype=np.int64) * c).ravel()
     shape = tuple(len(ox) for ox in ox_lists)
-    stoichs = [(c,) for c in counts]
     for idx in zip(*np.unravel_index(np.nonzero(total == 0)[0], shape), strict=True):
-        ox = tuple(int(ox_lists[k][i]) for k, i in enumerate(idx))
-        if not smact.neutral_ratios(ox, stoichs=stoichs, threshold=max(counts)):
-            continue
-        try:
-            ok = pauling_test(ox, enegs)
-        except TypeError:  # missing electronegativity: CDVAE counts the combination as fine
-            ok = True
-        if ok:
+        yield tuple(int(ox_lists[k][i]) for k, i in enumerate(idx))
+
+
+def _pauling_2_2_1(ox: Sequence[int], enegs: Sequence[float | None]) -> bool:
+    """SMACT 2.2.1's ``pauling_test`` (its ``eneg_states_test``) as CDVAE called it.
+
+    A cation at least as electronegative as an anion fails. Where a cation-anion pair misses an
+    electronegativity, 2.2.1 compared None with a number and raised TypeError, which CDVAE caught
+    as "valid"; a same-sign pair with a missing value fails.
+    """
+    for (o1, e1), (o2, e2) in itertools.combinations(zip(ox, enegs, strict=True), 2):
+        if o1 > 0 and o2 < 0:
+            if e1 is None or e2 is None:
+                return True
+            if e1 >= e2:
+                return False
+        elif o1 < 0 and o2 > 0:
+            if e1 is None or e2 is None:
+                return True
+            if e1 <= e2:
+                return False
+        elif e1 is None or e2 is None:
+            return False
+    return True
+
+
+@functools.cache
+def _smact_valid(elements: tuple[str, ...], counts: tuple[int, ...], table: str) -> bool:
+    if len(elements) == 1:
+        return True
+    if table == "smact14":
+        states, eneg, metals = smact_2_2_1()
+        if all(e in metals for e in elements):
+            return True
+        if any(e not in states for e in elements):  # smact.Element could not build it
+            return False
+        ox_lists = [states[e] for e in elements]
+        enegs = [eneg[e] for e in elements]
+        combos = _neutral_combinations(ox_lists, counts)
+        return any(_pauling_2_2_1(ox, enegs) for ox in combos)
+
+    import smact
+    from smact.screening import pauling_test
+
+    if all(e in smact.metals for e in elements):
+        return True
+    ox_lists, enegs = zip(*(smact_element(e) for e in elements), strict=True)
+    stoichs = [(c,) for c in counts]
+    for ox in _neutral_combinations(ox_lists, counts):
+        if smact.neutral_ratios(ox, stoichs=stoichs, threshold=max(counts)) and pauling_test(
+            ox, enegs
+        ):
             return True
     return False
 
 
-def smact_validity(composition: Composition | Mapping[str, float] | str) -> bool:
+def smact_validity(
+    composition: Composition | Mapping[str, float] | str, table: str = DEFAULT_OXIDATION_TABLE
+) -> bool:
     """CDVAE compositional validity (REFERENCE.md section 1).
 
     Counts reduced by their gcd; one element: valid; only metals (``smact.metals``): valid;
-    otherwise valid if some combination of ``smact.Element(el).oxidation_states`` is charge
-    neutral (``smact.neutral_ratios`` with ``stoichs=[(c,)...]``, ``threshold=max(count)``) and
-    passes ``smact.screening.pauling_test`` with Pauling electronegativities.
+    otherwise valid if some combination of oxidation states is charge neutral and passes the
+    Pauling electronegativity test. ``table`` picks the oxidation states (:data:`OXIDATION_TABLES`;
+    the default, "smact14", is the rule behind the published tables).
     """
+    if table not in OXIDATION_TABLES:
+        raise ValueError(f"unknown oxidation-state table {table!r}; choose from {OXIDATION_TABLES}")
     try:
         elements, counts = reduced_counts(composition)
     except ValueError:
         return False
-    return _smact_valid(elements, counts)
+    return _smact_valid(elements, counts, table)
+
+
+def formula_validity(formulas: Iterable[str], table: str = DEFAULT_OXIDATION_TABLE) -> np.ndarray:
+    """:func:`smact_validity` of reduced formulas (False where a formula does not parse)."""
+    out = []
+    for f in formulas:
+        try:
+            comp = Composition(str(f))
+        except Exception:  # a disordered or dummy species stored as its string
+            out.append(False)
+            continue
+        out.append(smact_validity(comp, table))
+    return np.array(out, dtype=bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +386,15 @@ def sun_rates(
 
 __all__ = [
     "COV_CUTOFFS",
+    "DEFAULT_OXIDATION_TABLE",
+    "OXIDATION_TABLES",
     "PUBLISHED_MP20",
     "PUBLISHED_OTHER",
     "comp_scaler",
     "coverage",
     "default_matcher",
     "formula_counts",
+    "formula_validity",
     "is_constructed",
     "novel_mask",
     "property_subset",
