@@ -88,9 +88,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     cfg = load_config(args.preset, args.config, overrides)
-    summary = train(
+    result = train(
         cfg, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after
-    ).summary
+    )
+    summary = result.summary
+    if result.interrupted:
+        print(
+            f"crystal-gpt: interrupted; checkpoint {args.out}/last.pt goes on from the next step "
+            f"with: crystal-gpt train ... --out {args.out} --resume",
+            file=sys.stderr,
+        )
+        return 130
     if summary:
         print(
             f"best hold-out NLL {summary['best_val_nll']:.3f} nats/crystal at epoch "

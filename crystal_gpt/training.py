@@ -14,7 +14,9 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -243,11 +245,46 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the current step, write a checkpoint
+    (mid-epoch too), then stop; a second signal interrupts at once. Handlers are installed only
+    in the main thread (where Python delivers signals) and restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step, with a checkpoint (again: at once)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self, distributed: bool, device: torch.device) -> bool:
+        """Whether to stop now; under DDP every rank stops at the same step (any rank asked)."""
+        if not distributed:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], dtype=torch.long, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
     summary: dict  # epochs run, best epoch and hold-out NLL, the last log row (rank 0 only)
     model: CrystalGPT  # the model as it is at the end (not necessarily the best checkpoint)
+    interrupted: bool = False  # stopped by a signal: last.pt resumes at the step it stopped
 
 
 def train(
@@ -263,7 +300,9 @@ def train(
     """Train a model; returns it with the summary (also written to ``out/summary.json``).
 
     ``stop_after`` ends this invocation after that many epochs (resume later with
-    ``resume=True``); the schedule still spans ``cfg.epochs``.
+    ``resume=True``); the schedule still spans ``cfg.epochs``. Ctrl-C or SIGTERM end it after
+    the current step with a checkpoint from which ``resume=True`` goes on at the next step
+    (the result says ``interrupted``).
     """
     out = Path(out)
     device = pick_device(cfg.device)
@@ -377,70 +416,9 @@ def train(
     summary: dict = {}
     model.train()
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)
-    while state["epoch"] < last_epoch and state["bad_epochs"] < cfg.patience:
-        epoch = state["epoch"]
-        rng = np.random.default_rng([cfg.seed, epoch])
-        batches = bucketed_batches(train_set.n, cfg.batch_size, rng, cfg.max_tokens)
-        mine = batches[rank::world][:steps_per_epoch]
-        t0 = time.perf_counter()
-        total_loss, seen, tokens = 0.0, 0, 0
-        bar = tqdm(
-            mine,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (progress and is_main),
-            file=sys.stderr,
-            leave=False,
-        )
-        for idx in bar:
-            lr = lr_at(state["step"], cfg, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batch = train_set.batch(idx, device)
-            nll = -ddp_model(batch)["total"]
-            loss = nll.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            state["step"] += 1
-            total_loss += float(nll.detach().sum())
-            seen += len(idx)
-            tokens += int(train_set.n[idx].sum() + len(idx))
-            bar.set_postfix(nll=f"{total_loss / seen:.2f}")
-        seconds = time.perf_counter() - t0
-        state["epoch"] += 1
-        if is_main:
-            val = evaluate_nll(model, val_set, device=device)
-            improved = val["nll_total"] < state["best_val"] - 1e-4
-            if improved:
-                state.update(best_val=val["nll_total"], best_epoch=state["epoch"], bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-        if distributed:  # every rank follows rank 0's early-stopping decision
-            # on the process group's device: NCCL only moves CUDA tensors
-            flag = torch.tensor([state["bad_epochs"]], dtype=torch.long, device=device)
-            dist.broadcast(flag, 0)
-            state["bad_epochs"] = int(flag)
-        if not is_main:
-            continue
-        row = {
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "lr": lr,
-            "train_nll": total_loss / max(seen, 1),
-            "crystals_per_s": seen * world / seconds,
-            "tokens_per_s": tokens * world / seconds,
-            "seconds": seconds,
-            **{f"val_nll_{p}": val[f"nll_{p}"] for p in (*PARTS, "total")},
-            "val_nll_per_atom": val["nll_per_atom"],
-        }
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([fmt(row[k], ".6g", missing="nan") for k in fields])
-        if writer is not None:
-            for k, v in row.items():
-                if k not in ("epoch", "step"):
-                    writer.add_scalar(k, v, state["step"])
-        ck = {
+
+    def checkpoint() -> dict:
+        return {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "state": state,
@@ -449,32 +427,120 @@ def train(
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             "train_crystals": len(train_set),
         }
-        save_checkpoint(last_path, ck)
-        if improved:
-            save_checkpoint(best_path, {**ck, "val": val})
-        if progress:
-            print(
-                f"epoch {state['epoch']}: train nll {row['train_nll']:.3f}, hold-out nll "
-                f"{val['nll_total']:.3f} ({val['nll_per_atom']:.3f}/atom), "
-                f"{row['crystals_per_s']:.0f} crystals/s",
+
+    state.setdefault("batch", 0)  # steps done in the current epoch (a mid-epoch checkpoint)
+    interrupted = False
+    with _StopRequest() as stop:
+        while state["epoch"] < last_epoch and state["bad_epochs"] < cfg.patience:
+            epoch = state["epoch"]
+            rng = np.random.default_rng([cfg.seed, epoch])
+            batches = bucketed_batches(train_set.n, cfg.batch_size, rng, cfg.max_tokens)
+            mine = batches[rank::world][:steps_per_epoch]
+            t0 = time.perf_counter()
+            total_loss, seen, tokens = 0.0, 0, 0
+            halt = False
+            bar = tqdm(
+                mine[state["batch"] :],  # a mid-epoch checkpoint goes on at its next step
+                initial=state["batch"],
+                total=len(mine),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not (progress and is_main),
                 file=sys.stderr,
+                leave=False,
             )
-        summary = {
-            "epochs": state["epoch"],
-            "best_epoch": state["best_epoch"],
-            "best_val_nll": state["best_val"],
-            "last": row,
-        }
+            for idx in bar:
+                lr = lr_at(state["step"], cfg, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                batch = train_set.batch(idx, device)
+                nll = -ddp_model(batch)["total"]
+                loss = nll.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                state["step"] += 1
+                state["batch"] += 1
+                total_loss += float(nll.detach().sum())
+                seen += len(idx)
+                tokens += int(train_set.n[idx].sum() + len(idx))
+                bar.set_postfix(nll=f"{total_loss / seen:.2f}")
+                halt = stop.agreed(distributed, device)
+                if halt:
+                    break
+            if halt and state["batch"] < len(mine):  # stopped mid-epoch
+                if is_main:
+                    save_checkpoint(last_path, checkpoint())
+                interrupted = True
+                break
+            seconds = time.perf_counter() - t0
+            state["epoch"] += 1
+            state["batch"] = 0
+            if is_main:
+                val = evaluate_nll(model, val_set, device=device)
+                improved = val["nll_total"] < state["best_val"] - 1e-4
+                if improved:
+                    state.update(best_val=val["nll_total"], best_epoch=state["epoch"], bad_epochs=0)
+                else:
+                    state["bad_epochs"] += 1
+            if distributed:  # every rank follows rank 0's early-stopping decision
+                # on the process group's device: NCCL only moves CUDA tensors
+                flag = torch.tensor([state["bad_epochs"]], dtype=torch.long, device=device)
+                dist.broadcast(flag, 0)
+                state["bad_epochs"] = int(flag)
+            if not is_main:
+                if halt:
+                    interrupted = True
+                    break
+                continue
+            row = {
+                "epoch": state["epoch"],
+                "step": state["step"],
+                "lr": lr,
+                "train_nll": total_loss / max(seen, 1),
+                "crystals_per_s": seen * world / seconds,
+                "tokens_per_s": tokens * world / seconds,
+                "seconds": seconds,
+                **{f"val_nll_{p}": val[f"nll_{p}"] for p in (*PARTS, "total")},
+                "val_nll_per_atom": val["nll_per_atom"],
+            }
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([fmt(row[k], ".6g", missing="nan") for k in fields])
+            if writer is not None:
+                for k, v in row.items():
+                    if k not in ("epoch", "step"):
+                        writer.add_scalar(k, v, state["step"])
+            ck = checkpoint()
+            save_checkpoint(last_path, ck)
+            if improved:
+                save_checkpoint(best_path, {**ck, "val": val})
+            if progress:
+                print(
+                    f"epoch {state['epoch']}: train nll {row['train_nll']:.3f}, hold-out nll "
+                    f"{val['nll_total']:.3f} ({val['nll_per_atom']:.3f}/atom), "
+                    f"{row['crystals_per_s']:.0f} crystals/s",
+                    file=sys.stderr,
+                )
+            summary = {
+                "epochs": state["epoch"],
+                "best_epoch": state["best_epoch"],
+                "best_val_nll": state["best_val"],
+                "last": row,
+            }
+            if halt:
+                interrupted = True
+                break
     if distributed:
         dist.barrier()
     if is_main:
         if writer is not None:
             writer.close()
         plot_losses(log_path, out / "loss.png")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if summary:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if distributed:
         dist.destroy_process_group()
-    return TrainResult(summary, model)
+    return TrainResult(summary, model, interrupted)
 
 
 def _tensorboard(out: Path):

@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import socket
 
 import numpy as np
@@ -78,6 +79,39 @@ def test_train_writes_logs_checkpoints_and_resumes_exactly(tmp_path, small_data)
         train(cfg, tmp_path / "a", train_data=train_ds, val_data=val_ds, resume=True)
     with pytest.raises(ValueError, match="holds no checkpoint"):
         train(cfg, tmp_path / "c", train_data=train_ds, val_data=val_ds, resume=True)
+
+
+def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(
+    tmp_path, small_data, monkeypatch
+):
+    from crystal_gpt.data.batching import PaddedCrystals
+    from crystal_gpt.model.checkpoints import read_checkpoint
+
+    train_ds, val_ds = small_data
+    cfg = tiny(epochs=3, seed=3)
+    kw = dict(train_data=train_ds, val_data=val_ds, progress=False)
+    full = train(cfg, tmp_path / "full", **kw)
+    calls = itertools.count(1)
+    batch = PaddedCrystals.batch
+
+    def batch_then_ctrl_c(self, idx, device):
+        if next(calls) == 5:  # in epoch 2 (3 training batches and 1 hold-out batch per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch(self, idx, device)
+
+    monkeypatch.setattr(PaddedCrystals, "batch", batch_then_ctrl_c)
+    stopped = train(cfg, tmp_path / "run", **kw)
+    monkeypatch.undo()
+    assert stopped.interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    state = read_checkpoint(tmp_path / "run" / "last.pt")["state"]
+    assert state["epoch"] == 1 and 0 < state["batch"] < 3  # mid-epoch
+    resumed = train(cfg, tmp_path / "run", resume=True, **kw)
+    assert not resumed.interrupted and resumed.summary["epochs"] == 3
+    for (k, p), q in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(p, q, atol=1e-6), k
 
 
 def test_early_stopping(tmp_path, small_data):
