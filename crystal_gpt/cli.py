@@ -401,6 +401,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from crystal_gpt.model.checkpoints import convert_checkpoint
+
+    if not args.trust:
+        raise ValueError(
+            f"converting {args.old} unpickles it, which can run code: pass --trust if you know "
+            "where the file comes from"
+        )
+    print(f"{convert_checkpoint(args.old, args.new)}: loads weights-only")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="crystal-gpt",
@@ -647,6 +659,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     mo = sub.add_parser("models", help="list the bundled models")
     mo.set_defaults(func=cmd_models)
+
+    co = sub.add_parser(
+        "convert",
+        help="rewrite an old checkpoint (from before weights-only loading) so that it loads",
+    )
+    co.add_argument("old", help="the old .pt file (it is unpickled: trusted files only)")
+    co.add_argument("new", help="the new .pt file (must not exist)")
+    co.add_argument(
+        "--trust", action="store_true", help="confirm that you trust OLD (reading it runs code)"
+    )
+    co.set_defaults(func=cmd_convert)
 
     nl = sub.add_parser("nll", help="exact negative log-likelihood of a split under a model")
     nl.add_argument("checkpoint", help="a run's best.pt / last.pt, or a bundled model name")

@@ -1,4 +1,6 @@
 import math
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +320,37 @@ def test_loading_a_checkpoint_never_runs_code(tmp_path):
     with pytest.raises(ValueError, match="not a readable"):
         load_model(junk)
     assert not marker.exists()
+
+
+def test_old_checkpoint_converts_with_one_command_and_run_folders_load(tmp_path, capsys):
+    import dataclasses
+
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.model.checkpoints import load_model, read_checkpoint
+    from crystal_gpt.model.transformer import CrystalGPT
+
+    # An old-style checkpoint: NumPy RNG state and a config dataclass, which only a full
+    # unpickler reads.
+    bundled = read_checkpoint(Path(str(resources.files("crystal_gpt"))) / "models/perov_5.pt")
+    cfg = ModelConfig(**bundled["model_config"])
+    old = tmp_path / "old.pt"
+    torch.save(
+        {"model": bundled["model"], "model_config": cfg, "np_rng": np.random.get_state()}, old
+    )
+    with pytest.raises(ValueError, match="not a readable"):
+        load_model(old)
+    new = tmp_path / "new.pt"
+    assert cli_main(["convert", str(old), str(new)]) == 2  # --trust is required
+    assert "unpickles it" in capsys.readouterr().err
+    assert cli_main(["convert", str(old), str(new), "--trust"]) == 0
+    model = load_model(new)
+    assert dataclasses.asdict(model.config) == dataclasses.asdict(cfg)
+    assert isinstance(read_checkpoint(new)["np_rng"][1], torch.Tensor)
+    assert cli_main(["convert", str(old), str(new), "--trust"]) == 2  # never overwrites
+    # A training run's folder loads (its best.pt); a folder that is not a run is an error.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(new.read_bytes())
+    assert CrystalGPT.from_pretrained(str(run)).config.d_model == cfg.d_model
+    with pytest.raises(FileNotFoundError, match="not a run"):
+        load_model(tmp_path)

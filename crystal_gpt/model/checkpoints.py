@@ -45,6 +45,50 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+def _plain(obj, where: str):
+    """``obj`` with NumPy values, paths and dataclasses turned into what the weights-only
+    loader accepts (tensors, numbers, strings, containers); anything else is refused."""
+    import dataclasses
+
+    import numpy as np
+
+    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor | torch.Size):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj), where)
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise ValueError(f"{where}: a {type(obj).__name__} cannot be stored weights-only")
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Rewrite a checkpoint that only a full unpickler reads (from before weights-only loading)
+    as one that :func:`read_checkpoint` accepts. Reading ``src`` runs its pickle, so this is
+    for files whose origin you trust; the result is checked by loading it weights-only."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint")
+    if dst.exists():
+        raise ValueError(f"{dst} exists; choose a new file name")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{src}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{src}: not a crystal-gpt checkpoint (no model weights in it)")
+    torch.save(_plain(state, src.name), dst)
+    read_checkpoint(dst)
+    return dst
+
+
 def list_models() -> dict[str, dict]:
     """Bundled models: name -> metadata (training data, parameters, test NLL, file size)."""
     out = {}
@@ -57,9 +101,15 @@ def list_models() -> dict[str, dict]:
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu"
 ) -> CrystalGPT:
-    """The one checkpoint loader: a training checkpoint (``best.pt`` / ``last.pt`` of a run), a
-    bundled model file, or a bundled model by name (``crystal-gpt models``)."""
+    """The one checkpoint loader: a training run's folder (its ``best.pt``, else ``last.pt``), a
+    training checkpoint, a bundled model file, or a bundled model by name (``crystal-gpt
+    models``)."""
     path = Path(name_or_path)
+    if path.is_dir():
+        found = [path / n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: a folder without best.pt or last.pt (not a run)")
+        path = found[0]
     if not path.is_file():
         path = _models_dir() / f"{name_or_path}.pt"
     if not path.is_file():
