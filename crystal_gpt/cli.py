@@ -299,6 +299,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=progress,
         oxidation_table=args.oxidation_table,
+        **({} if args.time_limit is None else {"time_limit": args.time_limit}),
     )
     stability = None
     if args.stability:
@@ -317,6 +318,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             novel_mask=ev.novel,
             unique_mask=ev.unique,
             progress=progress,
+            **({} if args.time_limit is None else {"time_limit": args.time_limit}),
         )
     out = ev.write_report(args.out, stability=stability)
     m = ev.metrics
@@ -622,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also relax with CHGNet and compute energies above hull (slow; evaluation.stability)",
     )
     ev.add_argument("--workers", type=int, help="processes (default: all cores)")
+    ev.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="per crystal and stage; a crystal past it, or whose worker dies, counts as failed "
+        "(default: 300 s for features, 600 s for a relaxation)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_evaluate)
 

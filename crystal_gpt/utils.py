@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -80,3 +86,107 @@ def parallel_map(
             bar.update()
     bar.close()
     return results
+
+
+@dataclass
+class JobFailure:
+    """A job of :func:`supervised_map` that gave no result, and why (its worker died, it ran
+    past the time limit, or it raised)."""
+
+    reason: str
+
+
+def _serve(conn, fn: Callable) -> None:
+    """Worker loop: one job at a time from the pipe, its result (or error) back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return
+        if item is None:
+            return
+        try:
+            conn.send((True, fn(item)))
+        except Exception as err:
+            conn.send((False, f"{type(err).__name__}: {err}"[:500]))
+
+
+def supervised_map(
+    fn: Callable, jobs: Iterable, workers: int, time_limit: float | None = None
+) -> Iterator[tuple[int, Any]]:
+    """``(index, fn(job))`` as jobs finish, from watched worker processes, one job each at a time.
+
+    A worker that dies (killed, out of memory, a crash in C code) or spends more than
+    ``time_limit`` seconds on a job is replaced, and that job alone yields a :class:`JobFailure`
+    (so does a job that raises); the others go on. ``multiprocessing.Pool`` would instead wait
+    forever for the lost job and has no per-job limit.
+    """
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pending = deque(enumerate(jobs))
+    slots: dict = {}  # pipe -> [process, (index, start time) or None]
+
+    def start() -> None:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, fn), daemon=True)
+        proc.start()
+        child.close()
+        slots[parent] = [proc, None]
+
+    def retire(conn) -> None:
+        proc = slots.pop(conn)[0]
+        proc.kill()
+        proc.join()
+        conn.close()
+
+    for _ in range(max(1, min(workers, len(pending)))):
+        start()
+    try:
+        while True:
+            for conn, slot in slots.items():
+                if slot[1] is None and pending:
+                    i, job = pending.popleft()
+                    slot[1] = (i, time.monotonic())
+                    with suppress(OSError):  # a dead worker shows up below, with this job
+                        conn.send(job)
+            busy = {conn: slot for conn, slot in slots.items() if slot[1] is not None}
+            if not busy:
+                return
+            timeout = None
+            if time_limit is not None:
+                first = min(slot[1][1] for slot in busy.values())
+                timeout = max(0.0, first + time_limit - time.monotonic())
+            ready = set(wait([*busy, *(slot[0].sentinel for slot in busy.values())], timeout))
+            now = time.monotonic()
+            for conn, (proc, (i, t0)) in busy.items():
+                failure = None
+                if conn in ready:
+                    try:
+                        ok, result = conn.recv()
+                    except (EOFError, OSError):
+                        proc.join()
+                        failure = f"worker died (exit code {proc.exitcode})"
+                    else:
+                        slots[conn][1] = None
+                        yield i, result if ok else JobFailure(result)
+                        continue
+                elif proc.sentinel in ready:
+                    proc.join()
+                    failure = f"worker died (exit code {proc.exitcode})"
+                elif time_limit is not None and now - t0 >= time_limit:
+                    failure = f"time limit of {time_limit:g} s exceeded"
+                else:
+                    continue
+                retire(conn)
+                start()
+                yield i, JobFailure(failure)
+    finally:
+        for conn in list(slots):
+            with suppress(OSError):
+                conn.send(None)
+        for conn, (proc, _) in list(slots.items()):
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()

@@ -275,3 +275,51 @@ def test_comparable_only_when_every_condition_holds():
     ]:
         got = protocol_departures(**dict(ok, **{key: bad}))
         assert len(got) == 1 and words in got[0], (key, got)
+
+
+def _square_or_fail(x):
+    import os
+    import signal
+    import time
+
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if x == 5:
+        time.sleep(60)
+    if x == 7:
+        raise ValueError("seven")
+    return x * x
+
+
+def test_supervised_workers_lose_only_the_failing_job():
+    from crystal_gpt.utils import JobFailure, supervised_map
+
+    got = dict(supervised_map(_square_or_fail, range(10), workers=2, time_limit=2))
+    assert sorted(got) == list(range(10))
+    assert [got[i] for i in (0, 1, 2, 4, 6, 8, 9)] == [0, 1, 4, 16, 36, 64, 81]
+    assert isinstance(got[3], JobFailure) and "died" in got[3].reason
+    assert isinstance(got[5], JobFailure) and "time limit" in got[5].reason
+    assert got[7] == JobFailure("ValueError: seven")
+
+
+def test_featurize_survives_a_dying_worker(monkeypatch, mp20_test_subset):
+    import os
+    import signal
+
+    from crystal_gpt.evaluation import features
+
+    real = features.crystal_features
+
+    def dies_on_b(structure, name="", fingerprints=True):
+        if name == "b":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(structure, name, fingerprints)
+
+    monkeypatch.setattr(features, "crystal_features", dies_on_b)
+    structures = mp20_test_subset.structures[:3]
+    table = features.featurize(
+        structures, ["a", "b", "c"], fingerprints=False, workers=2, progress=False
+    )
+    assert list(table.ids) == ["a", "b", "c"]
+    assert table.struct_valid[0] and table.struct_valid[2] and not table.struct_valid[1]
+    assert "worker died" in str(table.fp_error[1]) and table.formula[1] != ""

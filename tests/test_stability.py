@@ -148,6 +148,38 @@ def test_relax_resume_and_failures(tmp_path, monkeypatch) -> None:
     json.loads(cache.read_text().splitlines()[0])
 
 
+def test_a_killed_or_slow_relaxation_costs_that_crystal_only(tmp_path, monkeypatch) -> None:
+    import os
+    import signal
+    import time
+
+    stability.load_potential()
+    relax = relaxation._relax
+
+    def flaky(structure, steps, fmax):  # runs in the forked workers
+        if structure.composition.reduced_formula == "AlNi3":
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        if len(structure) == 1:
+            time.sleep(120)
+        return relax(structure, steps, fmax)
+
+    monkeypatch.setattr(relaxation, "_relax", flaky)
+    crystals = [
+        expanded(b2_alni(), 1.02),
+        l12_alni3(),
+        Structure(Lattice.cubic(2.5), ["Ni"], [[0] * 3]),
+    ]
+    cache = tmp_path / "relax.jsonl"
+    t0 = time.perf_counter()
+    res = relax_structures(
+        crystals, steps=10, workers=2, cache=cache, progress=False, time_limit=10
+    )
+    assert time.perf_counter() - t0 < 60
+    assert res[0].ok
+    assert "worker died" in res[1].error and "time limit of 10 s" in res[2].error
+    assert len(stability.read_relax_cache(cache)) == 3  # recorded: a resume does not retry them
+
+
 def test_relax_in_worker_processes() -> None:
     crystals = [expanded(b2_alni(), 1.02), expanded(l12_alni3(), 1.02)]
     par = relax_structures(crystals, steps=20, workers=2, progress=False)

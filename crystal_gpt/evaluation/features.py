@@ -4,6 +4,8 @@ structure, magpie composition), lattice and density, computed in worker processe
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
+from tqdm.auto import tqdm
 
 from crystal_gpt.data.datasets import (
     RawRow,
@@ -21,9 +24,10 @@ from crystal_gpt.evaluation.metrics import (
     smact_validity,
     structure_validity,
 )
-from crystal_gpt.utils import atomic_path, parallel_map
+from crystal_gpt.utils import JobFailure, atomic_path, supervised_map
 
 FEATURE_VERSION = 1
+TIME_LIMIT = 300.0  # s per crystal for its features (CrystalNN: ~0.5 s for 10 atoms, one core)
 SYMPREC = 0.1  # spglib tolerance for the symmetry statistics (the usual choice for generated sets)
 STRUCT_FP_DIM = 61  # CrystalNNFingerprint "ops" preset
 COMP_FP_DIM = 132  # magpie ElementProperty
@@ -179,6 +183,21 @@ def _row_features_job(job: tuple[RawRow, bool]) -> dict | None:
     return crystal_features(rec.structure, rec.id, fps)
 
 
+def failed_row(name: str, structure: Structure, reason: str) -> dict:
+    """The row of a crystal whose features could not be computed: invalid, no fingerprint."""
+    try:
+        formula = structure.composition.reduced_formula
+        n_elements = len(structure.composition.elements)
+    except Exception:  # disordered or dummy species
+        formula, n_elements = str(structure.composition), 0
+    return dict(
+        id=name, num_atoms=len(structure), fp_error=reason, formula=formula, n_elements=n_elements,
+        constructed=is_constructed(structure), struct_valid=False, comp_valid=False, fp_ok=False,
+        density=math.nan, spacegroup=0, lattice=[math.nan] * 6,
+        struct_fp=[math.nan] * STRUCT_FP_DIM, comp_fp=[math.nan] * COMP_FP_DIM,
+    )  # fmt: skip
+
+
 def featurize(
     structures: Sequence[Structure],
     names: Sequence[str] | None = None,
@@ -187,11 +206,21 @@ def featurize(
     workers: int | None = None,
     progress: bool = True,
     desc: str = "fingerprints",
+    time_limit: float | None = TIME_LIMIT,
 ) -> FeatureTable:
-    """:func:`crystal_features` of many crystals in worker processes, with a progress bar."""
+    """:func:`crystal_features` of many crystals in watched worker processes, with a progress
+    bar. A crystal whose worker dies or runs past ``time_limit`` seconds gets a
+    :func:`failed_row` (counted invalid, the reason in ``fp_error``); the others go on."""
     names = list(names) if names is not None else [str(i) for i in range(len(structures))]
-    jobs = ((n, s, fingerprints) for n, s in zip(names, structures, strict=True))
+    jobs = [(n, s, fingerprints) for n, s in zip(names, structures, strict=True)]
     if fingerprints:
         _featurizers()  # built before the workers fork, not once in each of them
-    rows = parallel_map(_features_job, jobs, workers, len(structures), desc, progress, chunksize=4)
+    rows: list = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
+    for i, row in supervised_map(_features_job, jobs, workers or os.cpu_count() or 1, time_limit):
+        if isinstance(row, JobFailure):
+            row = failed_row(names[i], structures[i], f"feature worker: {row.reason}")
+        rows[i] = row
+        bar.update()
+    bar.close()
     return FeatureTable.from_rows(rows)

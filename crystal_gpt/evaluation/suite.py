@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
-from crystal_gpt.evaluation.features import SYMPREC, FeatureTable, featurize
+from crystal_gpt.evaluation.features import SYMPREC, TIME_LIMIT, FeatureTable, featurize
 from crystal_gpt.evaluation.metrics import (
     COV_CUTOFFS,
     DEFAULT_OXIDATION_TABLE,
@@ -177,6 +177,7 @@ def evaluate(
     use_cache: bool = True,
     data_dir: str | os.PathLike | None = None,
     oxidation_table: str = DEFAULT_OXIDATION_TABLE,
+    time_limit: float | None = TIME_LIMIT,
 ) -> Evaluation:
     """CDVAE metrics, uniqueness, novelty and symmetry statistics of generated crystals.
 
@@ -186,9 +187,11 @@ def evaluate(
     (its fingerprints cached). Novelty is against ``train_split`` (None: skip uniqueness and
     novelty). ``reference_limit`` uses only the first N crystals of both splits: quick checks,
     not comparable numbers. ``cutoffs``: (structure, composition) COV cutoffs, default by dataset.
-    ``oxidation_table``: the SMACT rule's table (:data:`OXIDATION_TABLES`); the default is the
-    one the published tables used. ``metrics["comparable"]`` is true only when every condition of
-    the protocol holds; ``metrics["departures"]`` lists those that do not.
+    ``time_limit``: seconds per crystal for its features; a crystal past it, or whose worker
+    dies, counts as invalid (``fp_error`` says why). ``oxidation_table``: the SMACT rule's
+    table (:data:`OXIDATION_TABLES`); the default is the one the published tables used.
+    ``metrics["comparable"]`` is true only when every condition of the protocol holds;
+    ``metrics["departures"]`` lists those that do not.
     """
     if oxidation_table not in OXIDATION_TABLES:
         raise ValueError(
@@ -229,7 +232,7 @@ def evaluate(
     timings["reference"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    gen = featurize(structures, names, workers=workers, progress=progress)
+    gen = featurize(structures, names, workers=workers, progress=progress, time_limit=time_limit)
     timings["fingerprints"] = time.perf_counter() - t
     # Compositional validity depends on the reduced formula only: decided here with the chosen
     # table, for the samples and the (cached) reference alike.

@@ -25,10 +25,11 @@ from crystal_gpt.evaluation.stability.potential import (
     load_potential,
     potential_tag,
 )
-from crystal_gpt.utils import process_pool
+from crystal_gpt.utils import JobFailure, process_pool, supervised_map
 
 DEFAULT_STEPS = 500
 DEFAULT_FMAX = 0.1  # eV/A, MatterGen / CHGNet default
+DEFAULT_TIME_LIMIT = 600.0  # s per crystal: a 20-atom cell takes 5-60 s for 500 FIRE steps
 RELAX_FORMAT = 1  # bump when the relaxation protocol changes: invalidates resume caches
 
 
@@ -122,13 +123,13 @@ def structure_key(structure: Structure, steps: int, fmax: float) -> str:
 
 def _usable_workers(workers: int) -> int:
     """Workers are forked CPU processes, and CUDA cannot cross a fork: with a GPU, the main
-    process does the work."""
-    if workers > 1:
-        import torch
+    process does the work (0: in this process)."""
+    import torch
 
-        if torch.cuda.is_available():
+    if torch.cuda.is_available():
+        if workers > 1:
             warnings.warn("a GPU is present: running in one process on it", stacklevel=3)
-            return 1
+        return 0
     return workers
 
 
@@ -210,10 +211,13 @@ def relax_structures(
     workers: int = 1,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> list[RelaxResult]:
     """Relax crystals (positions and cell) with CHGNet, in input order.
 
-    ``workers`` > 1 runs that many forked processes with one torch thread each. With ``cache``
+    ``workers`` processes with one torch thread each, watched: a relaxation that runs past
+    ``time_limit`` seconds, or whose process dies, is recorded as failed and the rest go on
+    (on a GPU, or with one worker and no limit, the work runs in this process). With ``cache``
     (a ``.jsonl`` path) every finished relaxation is appended at once, so a killed run resumes
     where it stopped; the key is the crystal's content plus steps, fmax and potential version.
     Identical crystals are relaxed once.
@@ -248,14 +252,16 @@ def relax_structures(
                     handle.flush()
                 bar.update()
 
-            if workers > 1 and len(jobs) > 1:
-                with process_pool(min(workers, len(jobs))) as pool:
-                    for key, rec in pool.imap_unordered(_relax_job, jobs, chunksize=1):
-                        store(key, rec)
-            else:
+            if workers == 0 or (workers == 1 and time_limit is None):
                 with _single_threaded():
                     for job in jobs:
                         store(*_relax_job(job))
+            else:
+                for i, out in supervised_map(_relax_job, jobs, workers, time_limit):
+                    if isinstance(out, JobFailure):
+                        failed = RelaxResult(math.nan, None, math.nan, False, error=out.reason)
+                        out = (jobs[i][0], failed.to_json())
+                    store(*out)
         finally:
             bar.close()
             if handle is not None:

@@ -17,6 +17,7 @@ from crystal_gpt.evaluation.stability.hull import ReferenceHull
 from crystal_gpt.evaluation.stability.relaxation import (
     DEFAULT_FMAX,
     DEFAULT_STEPS,
+    DEFAULT_TIME_LIMIT,
     relax_structures,
 )
 
@@ -47,6 +48,7 @@ def evaluate_stability(
     novel_mask: Sequence[bool] | None = None,
     unique_mask: Sequence[bool] | None = None,
     progress: bool = True,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> dict:
     """Relax crystals with CHGNet and measure stability against the dataset's CHGNet hull.
 
@@ -54,7 +56,8 @@ def evaluate_stability(
     stable): ``stable_0.1`` = E_hull <= 0.1 eV/atom (MatterGen), ``stable_0.08`` (WyFormer),
     ``stable_0.0`` = on or below the hull, ``metastable`` = 0 < E_hull <= 0.1 (so stable_0.1 =
     stable_0.0 + metastable). ``sun_rate`` (stable_0.1 AND unique AND novel) is given only when
-    both masks are; ``stable_novel_rate`` when ``novel_mask`` is.
+    both masks are; ``stable_novel_rate`` when ``novel_mask`` is. A relaxation that runs past
+    ``time_limit`` seconds or whose worker dies counts as failed (not stable).
     """
     hull = hull if hull is not None else ReferenceHull.load(dataset)  # fail before relaxing
     structures = list(structures)
@@ -63,7 +66,13 @@ def evaluate_stability(
         if mask is not None and len(mask) != n:
             raise ValueError(f"{name} has {len(mask)} entries for {n} structures")
     results = relax_structures(
-        structures, steps=steps, fmax=fmax, workers=workers, cache=cache, progress=progress
+        structures,
+        steps=steps,
+        fmax=fmax,
+        workers=workers,
+        cache=cache,
+        progress=progress,
+        time_limit=time_limit,
     )
     pairs = [
         (r.structure or s, r.energy_per_atom) for r, s in zip(results, structures, strict=True)
