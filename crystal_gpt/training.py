@@ -38,6 +38,7 @@ from crystal_gpt.model.transformer import (
     PARTS,
     CrystalGPT,
     ModelConfig,
+    check_number,
 )
 from crystal_gpt.utils import atomic_path, fmt
 
@@ -89,37 +90,22 @@ class TrainConfig:
         ints = {"epochs": 1, "batch_size": 1, "warmup_steps": 0, "patience": 1, "seed": 0}
         optional_ints = {"max_tokens": 1, "threads": 1, "limit": 1}
         floats = {"lr": 0.0, "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0}
-        model_ints = {
-            "d_model": 1, "n_layers": 1, "n_heads": 1, "d_ff": 1, "coord_mixtures": 1,
-            "fourier_freqs": 1, "max_sites": 1, "flow_transforms": 1, "flow_hidden": 1,
-        }  # fmt: skip
-
-        def check(name: str, value, low, kind) -> None:
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            ok = number and (isinstance(value, int) if kind is int else math.isfinite(value))
-            if not ok or value < low:
-                what = "a whole number" if kind is int else "a number"
-                raise ValueError(f"setting {name}={value!r} must be {what} >= {low}")
-
         for name, low in ints.items():
-            check(name, getattr(self, name), low, int)
+            check_number(name, getattr(self, name), low, int)
         for name, low in optional_ints.items():
             if getattr(self, name) is not None:
-                check(name, getattr(self, name), low, int)
+                check_number(name, getattr(self, name), low, int)
         for name, low in floats.items():
-            check(name, getattr(self, name), low, float)
+            check_number(name, getattr(self, name), low, float)
         if not self.lr > 0:
             raise ValueError(f"setting lr={self.lr!r} must be positive")
-        for name, low in model_ints.items():
-            check(f"model.{name}", getattr(self.model, name), low, int)
-        check("model.dropout", self.model.dropout, 0.0, float)
-        if self.model.dropout >= 1:
-            raise ValueError(f"setting model.dropout={self.model.dropout!r} must be below 1")
-        if self.model.d_model % self.model.n_heads:
-            raise ValueError(
-                f"model.d_model={self.model.d_model} must be a multiple of "
-                f"model.n_heads={self.model.n_heads}"
-            )
+        check_number("symprec", self.symprec, 0.0, float)
+        if not self.symprec > 0:
+            raise ValueError(f"setting symprec={self.symprec!r} must be positive")
+        for name in ("dataset", "train_split", "val_split", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"setting {name}={getattr(self, name)!r} must be a name (text)")
+        self.model.validate()
 
 
 def preset_path(name: str) -> Path:

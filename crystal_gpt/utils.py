@@ -96,8 +96,19 @@ class JobFailure:
     reason: str
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, so that the workers a killed
+    worker had started itself (an evaluation inside a job) do not live on as orphans."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _serve(conn, fn: Callable) -> None:
     """Worker loop: one job at a time from the pipe, its result (or error) back."""
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     while True:
         try:
@@ -128,7 +139,7 @@ def supervised_map(
 
     def start() -> None:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, fn), daemon=True)
+        proc = ctx.Process(target=_serve, args=(child, fn))  # not daemonic: jobs may fork
         proc.start()
         child.close()
         slots[parent] = [proc, None]

@@ -135,3 +135,14 @@ def test_every_command_line_option_says_what_it_does():
         f"{p} {a.option_strings or a.dest}" for p, a in walk(build_parser(), "") if not a.help
     ]
     assert not missing, missing
+
+
+def test_readme_and_evaluate_help_agree_on_the_reference_build_time():
+    import re
+
+    from crystal_gpt.cli import build_parser
+
+    readme = (ROOT.parent / "README.md").read_text()
+    sub = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    pattern = r"(\d+) min of\s+CrystalNN"
+    assert re.findall(pattern, readme) == re.findall(pattern, sub.description) != []

@@ -162,22 +162,48 @@ def _lattice_parameters(matrix: np.ndarray) -> np.ndarray:
     return np.array([*lat.abc, *lat.angles], dtype=float)
 
 
+MAX_ATOMS = 1000  # atoms in the given cell (mp_20: at most 20; spglib slows down far beyond)
+MAX_LENGTH = 1000.0  # Angstrom per lattice vector (pymatgen's Niggli search explodes far beyond)
+MIN_SEPARATION = 0.1  # Angstrom: closer atoms are one atom written twice, not a crystal
+
+
 def _cell_of(structure: Structure) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Lattice, fractional coordinates and atomic numbers, once the structure is known to be
+    something the encoder can take (otherwise an EncodingError that says why)."""
     if not isinstance(structure, Structure):
         raise TypeError(f"expected a pymatgen Structure, got {type(structure).__name__}")
     if len(structure) == 0:
         raise EncodingError("the structure has no atoms")
+    if len(structure) > MAX_ATOMS:
+        raise EncodingError(f"{len(structure)} atoms in the cell: the encoder takes {MAX_ATOMS}")
     if not structure.is_ordered:
         raise EncodingError(
             "disordered structures (partial occupancies) are not supported: "
             f"{structure.composition.formula}"
         )
+    for sp in structure.species:
+        if not isinstance(getattr(sp, "element", sp), Element):
+            raise EncodingError(f"{sp} is not a chemical element")
     matrix = np.asarray(structure.lattice.matrix, dtype=float)
     if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
         raise EncodingError("the lattice is degenerate (zero volume) or not finite")
+    lengths = np.linalg.norm(matrix, axis=1)
+    if lengths.max() > MAX_LENGTH:
+        raise EncodingError(
+            f"a lattice vector of {lengths.max():.4g} A: the encoder takes up to {MAX_LENGTH:g} A"
+        )
     frac = np.asarray(structure.frac_coords, dtype=float)
     if not np.all(np.isfinite(frac)):
         raise EncodingError("atomic coordinates are not finite")
+    if len(structure) > 1:
+        d = structure.lattice.get_all_distances(frac, frac)
+        np.fill_diagonal(d, np.inf)
+        if d.min() < MIN_SEPARATION:
+            i, j = np.unravel_index(np.argmin(d), d.shape)
+            raise EncodingError(
+                f"atoms {i} and {j} ({structure[i].species_string}, {structure[j].species_string})"
+                f" are {d.min():.3g} A apart: one atom written twice?"
+            )
     numbers = [int(sp.Z) for sp in structure.species]
     return matrix, frac, numbers
 

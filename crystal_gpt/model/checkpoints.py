@@ -118,11 +118,20 @@ def load_model(
             f"no model {str(name_or_path)!r}: not a file, nor a bundled model (bundled: {names})"
         )
     state = read_checkpoint(path)
-    cfg = state["config"]["model"] if "config" in state else state["model_config"]
-    model = CrystalGPT(ModelConfig(**cfg))
-    # bundled weights are float16: back to float32 (a no-op for a training checkpoint)
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
-    model.load_weights(weights)
+    try:
+        cfg = state["config"]["model"] if "config" in state else state["model_config"]
+        config = ModelConfig(**cfg)
+        config.validate()
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the checkpoint's model settings are unusable ({err})") from None
+    model = CrystalGPT(config)
+    try:
+        # bundled weights are float16: back to float32 (a no-op for a training checkpoint)
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+        model.load_weights(weights)
+    except (AttributeError, KeyError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: the weights do not fit their model settings ({first})") from None
     model.meta = state.get("meta", {"file": str(path)})
     return model.to(device).eval()
 

@@ -86,6 +86,9 @@ class _Drawer:
         return von_mises_mixture_sample(params.cpu(), self.gen).to(params.device)
 
 
+MAX_SAMPLES = 100_000_000  # per call: the crystals are kept in memory (~1 kB each)
+
+
 def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]:
     """Space groups from what a user writes: numbers, Hermann-Mauguin symbols ('Fm-3m',
     'P6_3/mmc'), crystal systems ('cubic'), or a comma-separated list of these ('194,225')."""
@@ -235,14 +238,14 @@ def sample_crystals(
     ``check_workers``: processes for the symmetry check (default: one fewer than the cores, for
     runs of at least ``_POOL_MIN`` crystals; 0 = in this process); the samples do not depend
     on it."""
-    if n < 0:
-        raise ValueError("n must be >= 0")
-    if not (temperature > 0 and np.isfinite(temperature)):
+    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 0 <= n <= MAX_SAMPLES:
+        raise ValueError(f"n must be a whole number from 0 to {MAX_SAMPLES:,}, got {n!r}")
+    if not (isinstance(temperature, int | float) and temperature > 0 and np.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
     if spacegroup is not None:
         spacegroup = parse_spacegroups(spacegroup)
     elements, exclude_elements = parse_elements(elements), parse_elements(exclude_elements)
-    if not 0 < top_p <= 1:
+    if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     if getattr(model.config, "condition_on_composition", False) and composition is None:
@@ -331,7 +334,9 @@ def sample_crystals(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="sampling", unit="crystal")
+        # shown once sampling has taken 2 s (a quick call stays quiet), with the redraws so far:
+        # a hard request shows that it is being worked on, not stuck
+        bar = tqdm(total=n, desc="sampling", unit="crystal", delay=2)
 
     def settle(idx, batch, dead, moved, reasons) -> None:
         """Keep a checked batch's accepted crystals; send the others back to be redrawn."""
@@ -358,6 +363,7 @@ def sample_crystals(
             pending.append(i)
         if bar is not None:
             bar.update(done)
+            bar.set_postfix(redraws=int(redraws.sum()), refresh=False)
 
     # The symmetry check of one batch runs in worker processes while the next batch is drawn;
     # the schedule (a batch's redraws join the queue after the next batch is taken) is the same
