@@ -78,6 +78,11 @@ def test_explicit_requests_outside_the_range_warn(narrow):
     assert any(11 in c.species for c in crystals)
     with pytest.warns(UserWarning, match="outside this model's training range 2-6"):
         sample_crystals(narrow, 5, seed=0, num_atoms="8-10")
+    # far outside (more than 3x the largest training cell): refused up front, unless asked for
+    with pytest.raises(ConstraintError, match="19 atoms per primitive cell: this model was"):
+        sample_crystals(narrow, 1, seed=0, num_atoms="19-30")
+    with pytest.raises(ConstraintError, match="20 atoms per primitive cell"):
+        sample_crystals(narrow, 1, seed=0, composition="Li10O10")
 
 
 def test_chemsys_gives_exactly_those_elements(model):

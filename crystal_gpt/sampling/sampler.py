@@ -86,6 +86,7 @@ class _Drawer:
         return von_mises_mixture_sample(params.cpu(), self.gen).to(params.device)
 
 
+FAR_OUTSIDE = 3  # requests beyond this many times the largest training cell need allow_unseen
 MAX_SAMPLES = 100_000_000  # per call: the crystals are kept in memory (~1 kB each)
 
 
@@ -449,9 +450,24 @@ def _training_range(model, allowed_a, elements, composition, num_atoms, template
         )
     if high >= 10**6 or allow_unseen:
         return num_atoms
+    fewest = None
     if num_atoms is not None:
         from crystal_gpt.sampling.constraints import parse_atom_range
 
+        fewest = parse_atom_range(num_atoms)[0]
+    if composition is not None and not isinstance(composition, list | tuple):
+        from crystal_gpt.sampling.constraints import parse_composition
+
+        fewest = max(fewest or 0, sum(parse_composition(composition).values()))
+    if fewest is not None and fewest > FAR_OUTSIDE * high:
+        # its lattice and sites were learnt on cells of at most `high` atoms: such a request
+        # ends in dead ends draw after draw, and only fails after minutes of redraws
+        raise ConstraintError(
+            f"{fewest} atoms per primitive cell: this model was trained on {low}-{high}; "
+            "requests this far outside are practically never met (pass allow_unseen=True, "
+            "--allow-unseen, to try anyway)"
+        )
+    if num_atoms is not None:
         lo, hi = parse_atom_range(num_atoms)
         if lo < low or hi > high:
             warnings.warn(
