@@ -323,3 +323,16 @@ def test_featurize_survives_a_dying_worker(monkeypatch, mp20_test_subset):
     assert list(table.ids) == ["a", "b", "c"]
     assert table.struct_valid[0] and table.struct_valid[2] and not table.struct_valid[1]
     assert "worker died" in str(table.fp_error[1]) and table.formula[1] != ""
+
+
+def test_an_unreadable_cif_counts_as_an_invalid_crystal(tmp_path, mp20_test_subset):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for i, s in enumerate(mp20_test_subset.structures[:3]):
+        s.to(filename=str(folder / f"c{i}.cif"))
+    (folder / "c3.cif").write_text("data_broken\n_cell_length_a 3\nloop_\n_atom_site_label\n")
+    ev = evaluate(folder, "mp_20", reference_limit=20, train_split=None, workers=2, progress=False)
+    v = ev.metrics["validity"]
+    assert ev.metrics["unreadable"] == 1 and ev.metrics["crystals"] == 3
+    assert v["struct_valid"] == 75.0 and v["struct_valid_readable_only"] == 100.0
+    assert "4 generated crystals" in " ".join(ev.metrics["departures"])

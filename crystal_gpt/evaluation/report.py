@@ -231,11 +231,11 @@ def _blocks(ev: Evaluation, plots: dict[str, str], stability: dict | None) -> li
         f"The reference split itself: struct {fmt(m['reference_self']['struct_valid'])}%, "
         f"comp {fmt(m['reference_self']['comp_valid'])}% (the ceiling for comp)."
     )
-    if "struct_valid_counting_unreadable" in v:
+    if "struct_valid_readable_only" in v:
         extra += (
-            f" Counting unreadable files as invalid (CDVAE's 'not constructed'): struct "
-            f"{fmt(v['struct_valid_counting_unreadable'])}%, comp "
-            f"{fmt(v['comp_valid_counting_unreadable'])}%."
+            f" The {m['unreadable']} unreadable files count as invalid crystals above (CDVAE's "
+            "'not constructed'); over the readable ones only: struct "
+            f"{fmt(v['struct_valid_readable_only'])}%, comp {fmt(v['comp_valid_readable_only'])}%."
         )
     c = m["coverage"]
     extra += (
