@@ -289,7 +289,7 @@ def _sample_options(rng: random.Random) -> dict[str, str]:
         ("--temperature", NUMBERS, 0.2),
         ("--top-p", NUMBERS, 0.15),
         ("--seed", NUMBERS, 0.3),
-        ("--min-distance", NUMBERS + ["auto", "Auto"], 0.1),
+        ("--min-distance", [*NUMBERS, "auto", "Auto"], 0.1),
     ):
         if rng.random() < p:
             opts[key] = rng.choice(pool)

@@ -35,7 +35,7 @@ def main() -> None:
     data = PaddedCrystals(encode_dataset(cfg.dataset, cfg.train_split, progress=False))
     torch.manual_seed(0)
     model = CrystalGPT(cfg.model)
-    model.lat_mean[:], model.lat_std[:] = lattice_statistics(data)
+    model.lattice.mean[:], model.lattice.std[:] = lattice_statistics(data)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -33,13 +33,9 @@ from crystal_gpt.data.cache import EncodedDataset, encode_dataset
 from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.checkpoints import load_model as load_model  # the one loader
 from crystal_gpt.model.checkpoints import read_checkpoint
+from crystal_gpt.model.config import ModelConfig, check_number
 from crystal_gpt.model.distributions import lattice_statistics, spacegroup_prior
-from crystal_gpt.model.transformer import (
-    PARTS,
-    CrystalGPT,
-    ModelConfig,
-    check_number,
-)
+from crystal_gpt.model.transformer import PARTS, CrystalGPT
 from crystal_gpt.utils import atomic_path, fmt
 
 PRESETS = ("tiny", "small", "large")
@@ -343,8 +339,8 @@ def train(
 
     model = CrystalGPT(cfg.model).to(device)
     mean, std = lattice_statistics(train_set, per_atom=not cfg.model.lattice_first)
-    model.lat_mean.copy_(mean)
-    model.lat_std.copy_(std)
+    model.lattice.mean.copy_(mean)
+    model.lattice.std.copy_(std)
     model.set_training_range(train_data.species, train_set.g, train_set.num_atoms)
     model.pair_min_distance.copy_(torch.as_tensor(training_pair_distances(train_set)))
     with torch.no_grad():

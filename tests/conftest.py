@@ -30,5 +30,5 @@ def model() -> CrystalGPT:
     torch.manual_seed(0)
     m = CrystalGPT(load_config("tiny").model)
     data = PaddedCrystals(encode_dataset("carbon_24", "holdout", workers=1, progress=False))
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data)
     return m.eval()

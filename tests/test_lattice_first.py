@@ -38,7 +38,7 @@ def first(carbon) -> CrystalGPT:
     cfg = load_config("tiny").model
     cfg.lattice_first, cfg.element_features = True, True
     m = CrystalGPT(cfg)
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(carbon, per_atom=False)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(carbon, per_atom=False)
     return m.eval()
 
 

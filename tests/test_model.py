@@ -9,18 +9,15 @@ import torch
 from crystal_gpt import encode_dataset
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.model.config import ModelConfig
 from crystal_gpt.model.distributions import (
+    LATTICE_DIMS,
     lattice_features,
     lattice_from_features,
     lattice_statistics,
     von_mises_mixture_logpdf,
 )
-from crystal_gpt.model.transformer import (
-    LATTICE_DIMS,
-    CrystalGPT,
-    ModelConfig,
-    SymmetryTensors,
-)
+from crystal_gpt.model.transformer import CrystalGPT, SymmetryTensors
 from crystal_gpt.training import load_config
 
 TINY = load_config("tiny").model
@@ -36,7 +33,7 @@ def data() -> PaddedCrystals:
 def model(data) -> CrystalGPT:
     torch.manual_seed(0)
     m = CrystalGPT(TINY)
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data)
     return m.eval()
 
 
@@ -123,7 +120,7 @@ def test_lattice_density_integrates_to_one(model, system_group):
     assert LATTICE_DIMS[system] in (1, 2)
     ctx = torch.randn(1, TINY.d_model)
     n_atoms = torch.tensor([8])
-    mean, std = model.lat_mean[system], model.lat_std[system]
+    mean, std = model.lattice.mean[system], model.lattice.std[system]
     lo = torch.exp(mean[0] - 6 * std[0] + math.log(8) / 3)
     hi = torch.exp(mean[0] + 6 * std[0] + math.log(8) / 3)
     if LATTICE_DIMS[system] == 1:
@@ -196,7 +193,7 @@ def test_tiny_model_overfits_a_handful(data):
             flow_hidden=32,
         )
     )
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data)
     batch = data.batch(np.arange(8))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first = None
@@ -252,7 +249,7 @@ def test_higher_dimensional_lattice_flows_are_normalised(model, dims):
     """Importance sampling from a broad Gaussian: E_q[p / q] = 1 for the 3-, 4- and 6-D flows
     (in the standardised space; the change of variables is checked on grids above)."""
     torch.manual_seed(dims)
-    flow = model.flows[str(dims)](torch.randn(1, TINY.d_model))
+    flow = model.lattice.flows[str(dims)](torch.randn(1, TINY.d_model))
     q = torch.distributions.Normal(0.0, 2.5)
     z = q.sample((200_000, dims))
     with torch.no_grad():
@@ -272,7 +269,7 @@ def test_composition_conditioned_model(data):
 
     torch.manual_seed(0)
     m = CrystalGPT(replace(TINY, condition_on_composition=True)).eval()
-    m.lat_mean[:], m.lat_std[:] = lattice_statistics(data)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data)
     idx = np.arange(12)
     batch = data.batch(idx)
     counts = m.composition_counts(batch["g"], batch["w"], batch["a"], batch["n"])

@@ -18,8 +18,9 @@ import torch
 from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.cache import encode_dataset
 from crystal_gpt.data.geometry import training_pair_distances
+from crystal_gpt.model.config import ModelConfig
 from crystal_gpt.model.distributions import spacegroup_prior
-from crystal_gpt.model.transformer import CrystalGPT, ModelConfig
+from crystal_gpt.model.transformer import CrystalGPT
 
 DEFAULT_MODEL = "mp_20"
 

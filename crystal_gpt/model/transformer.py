@@ -9,9 +9,9 @@ token 0's inputs, then added to token 0 and to every site's heads. Wyckoff
 letters are masked to the legal, ordered letters of the group; atom types to real elements (and,
 for a repeated letter, to the canonical non-decreasing order); coordinates are mixtures of von
 Mises distributions over the free coordinates only, predicted x, then y | x, then z | x, y.
-The lattice is a conditional neural spline flow (zuko) over the crystal system's free
-parameters: log(length / N^(1/3)) and logit(angle / 180 deg), standardised with training
-statistics; its density is reported in Angstrom and degrees (Jacobians included).
+The lattice is a conditional normalizing flow over the crystal system's free parameters
+(``model.lattice.LatticeFlow``: its density and its draws), given a context from the last
+token (lattice last) or token 0 (lattice first).
 
 Conditions: every condition is an encoder mapping its value to a d_model vector; their sum
 enters token 0 and the space-group prior. Today the only built-in is the space group itself
@@ -21,29 +21,25 @@ Building blocks (tables as tensors, attention block, features) live in ``model.l
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zuko
 from torch import Tensor, nn
 
 from crystal_gpt.data.symmetry import (
     lowest_next_element,
 )
+from crystal_gpt.model.config import ModelConfig
 from crystal_gpt.model.distributions import (
-    LATTICE_DIMS,
     LATTICE_EMBED_DIM,
     NUM_ELEMENTS,
     lattice_embedding_features,
-    lattice_features,
-    lattice_used,
-    pack_free,
     von_mises_mixture_logpdf,
 )
+from crystal_gpt.model.lattice import LatticeFlow
 from crystal_gpt.model.layers import (
     COMPOSITION_DIM,
     Block,
@@ -56,73 +52,18 @@ from crystal_gpt.model.layers import (
 
 PARTS = ("g", "W", "A", "X", "L")
 # parameter names of earlier checkpoints -> present names
-_RENAMED = {"out_w": "emb_chosen_letter", "out_a": "emb_chosen_element"}
+_RENAMED = {
+    "out_w": "emb_chosen_letter",
+    "out_a": "emb_chosen_element",
+    "flows": "lattice.flows",
+    "lat_mean": "lattice.mean",
+    "lat_std": "lattice.std",
+}
 
 
 def _present_name(key: str) -> str:
     module, dot, rest = key.partition(".")
     return _RENAMED.get(module, module) + dot + rest
-
-
-@dataclass
-class ModelConfig:
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    d_ff: int = 768
-    dropout: float = 0.0
-    coord_mixtures: int = 16
-    fourier_freqs: int = 6
-    max_sites: int = 64
-    flow_transforms: int = 3
-    flow_hidden: int = 128
-    conditions: dict[str, int] = field(default_factory=dict)  # name -> input dimension
-    # P(crystal | composition): the structure-prediction (CSP) variant; the composition is read
-    # off each training crystal, and sampling needs one (``composition=``)
-    condition_on_composition: bool = False
-    # the order of the factorisation: P(g) P(L | g) prod P(site | L, ...) ("first", the original
-    # design: every site sees the lattice, so atoms are placed with their distances known) or
-    # P(g) prod P(site | ...) P(L | g, sites) ("last")
-    lattice_first: bool = False
-    # element embeddings built from chemistry (group, period, electronegativity, radius, ...)
-    # added to the learnt ones, in the inputs and in the element head
-    element_features: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self) -> None:
-        """Every setting of the right type and in range, named in the error (a config read from
-        a file or a checkpoint would otherwise fail deep inside torch)."""
-        ints = ("d_model", "n_layers", "n_heads", "d_ff", "coord_mixtures", "fourier_freqs",
-                "max_sites", "flow_transforms", "flow_hidden")  # fmt: skip
-        for name in ints:
-            check_number(f"model.{name}", getattr(self, name), 1, int)
-        check_number("model.dropout", self.dropout, 0.0, float)
-        if self.dropout >= 1:
-            raise ValueError(f"setting model.dropout={self.dropout!r} must be below 1")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"model.d_model={self.d_model} must be a multiple of model.n_heads={self.n_heads}"
-            )
-        for name in ("condition_on_composition", "lattice_first", "element_features"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be true/false")
-        conditions = self.conditions
-        if not isinstance(conditions, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            for k, v in conditions.items()
-        ):
-            raise ValueError(f"setting model.conditions={conditions!r} must map names to sizes")
-
-
-def check_number(name: str, value, low: float, kind: type) -> None:
-    """A setting that must be a whole number (``kind=int``) or a finite number, >= ``low``."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = number and (isinstance(value, int) if kind is int else math.isfinite(value))
-    if not ok or value < low:
-        what = "a whole number" if kind is int else "a number"
-        raise ValueError(f"setting {name}={value!r} must be {what} >= {low}")
 
 
 class Drawer(Protocol):
@@ -184,20 +125,8 @@ class CrystalGPT(nn.Module):
             self.head_a_feat = nn.Linear(d, d)
         else:
             self.emb_elem_feat = None
-        self.flows = nn.ModuleDict(
-            {
-                str(n): zuko.flows.NSF(
-                    features=n,
-                    context=d,
-                    transforms=c.flow_transforms,
-                    hidden_features=[c.flow_hidden, c.flow_hidden],
-                )
-                for n in sorted(set(LATTICE_DIMS))
-            }
-        )
-        # standardisation of the transformed lattice parameters, set from training data
-        self.register_buffer("lat_mean", torch.zeros(7, 6))
-        self.register_buffer("lat_std", torch.ones(7, 6))
+        # P(L | context): drawn last, its lengths are per atom (N^(1/3)); drawn first, as they are
+        self.lattice = LatticeFlow(d, c.flow_transforms, c.flow_hidden, not c.lattice_first)
         # what the training data covered (set by training): the sampler stays inside it unless
         # told otherwise; defaults (all elements, any size) for checkpoints that predate them
         self.register_buffer("seen_elements", torch.ones(NUM_ELEMENTS, dtype=torch.bool))
@@ -305,11 +234,6 @@ class CrystalGPT(nn.Module):
     def first_lattice_context(self, start: Tensor, g: Tensor) -> Tensor:
         """Lattice first: the flow's context is token 0 before the lattice (group, conditions)."""
         return self.lattice_context(start[:, 0], g)
-
-    def lattice_scale(self, num_atoms: Tensor) -> Tensor:
-        """Atoms the flow's lengths are scaled by: N^(1/3) with the lattice last; 1 with the
-        lattice first (the atom count is not known yet)."""
-        return torch.ones_like(num_atoms) if self.config.lattice_first else num_atoms
 
     def backbone(self, h: Tensor, caches: list[dict] | None = None, offset: int = 0) -> Tensor:
         T = h.shape[1]
@@ -419,47 +343,14 @@ class CrystalGPT(nn.Module):
     def lattice_context(self, h_last: Tensor, g: Tensor) -> Tensor:
         return self.lattice_ctx(torch.cat([h_last, self.emb_g(g)], dim=-1))
 
-    def lattice_transform(
-        self, lattice: Tensor, g: Tensor, num_atoms: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Full (a,b,c,al,be,ga) -> standardised free parameters (B, 6, zero-padded) and
-        log|det d(standardised)/d(free params)| (B,)."""
-        system = self.sym.crystal_system[g]
-        z, logdet = lattice_features(lattice, system, self.lattice_scale(num_atoms))
-        mean, std = self.lat_mean[system], self.lat_std[system]
-        z = (z - mean) / std
-        used = lattice_used(system)
-        logdet = logdet - (torch.log(std) * used).sum(-1)
-        return z * used, logdet
-
     def lattice_logprob(self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor) -> Tensor:
-        return self._through_flows(ctx, lattice, g, num_atoms)[0]
+        return self.lattice.log_prob(ctx, lattice, self.sym.crystal_system[g], num_atoms)[0]
 
     def lattice_noise(self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor) -> Tensor:
-        """The lattice through its flow: (B, 6) base-space values, zero-padded past the system's
-        free parameters; independent standard normals when the lattice follows the model."""
-        return self._through_flows(ctx, lattice, g, num_atoms, noise=True)[1]
-
-    def _through_flows(
-        self, ctx: Tensor, lattice: Tensor, g: Tensor, num_atoms: Tensor, noise: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """Log density of the lattices (Jacobians included) and, if asked, their base noise."""
-        z, logdet = self.lattice_transform(lattice, g, num_atoms)
+        """The lattice through its flow (``LatticeFlow.log_prob`` with ``noise``)."""
         system = self.sym.crystal_system[g]
-        dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[system]
-        lp = torch.zeros(len(g), device=g.device)
-        eps = torch.zeros(len(g), 6, device=g.device)
-        for n, flow in self.flows.items():
-            sel = dims == int(n)
-            if sel.any():
-                zs = pack_free(z[sel], system[sel], int(n))
-                dist = flow(ctx[sel])
-                lp[sel] = dist.log_prob(zs)
-                if noise:
-                    eps[sel, : int(n)] = dist.transform(zs)
-        return lp + logdet, eps
+        return self.lattice.log_prob(ctx, lattice, system, num_atoms, noise=True)[1]
 
-    # ---------------------------------------------------------------- likelihood
     def forward(
         self,
         batch: dict[str, Tensor],

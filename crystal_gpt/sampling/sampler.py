@@ -31,10 +31,7 @@ from crystal_gpt.data.symmetry import (
     lowest_next_element,
 )
 from crystal_gpt.model.distributions import (
-    LATTICE_DIMS,
     NUM_ELEMENTS,
-    lattice_from_features,
-    unpack_free,
     von_mises_mixture_sample,
 )
 from crystal_gpt.sampling.charge import ChargeBalance
@@ -792,21 +789,9 @@ def _place(model, placement, drawer, step, g, w, tries: int, per_round: int = 4)
 
 
 def _draw_lattice(model, ctx: Tensor, g: Tensor, n_atoms: Tensor | None) -> Tensor:
-    """A lattice per crystal from the flow of its crystal system given the context; lengths
-    scaled by ``model.lattice_scale`` (the atom count with the lattice last)."""
-    sym = model.sym
-    system = sym.crystal_system[g]
-    dims = torch.as_tensor(LATTICE_DIMS, device=g.device)[system]
-    z = torch.zeros(len(g), 6, device=g.device)
-    for key, flow in model.flows.items():
-        sel = dims == int(key)
-        if sel.any():
-            zs = flow(ctx[sel]).sample()
-            z[sel] = unpack_free(zs, system[sel])
-    mean, std = model.lat_mean[system], model.lat_std[system]
-    z = z * std + mean
-    scale = model.lattice_scale(torch.ones_like(g) if n_atoms is None else n_atoms)
-    return lattice_from_features(z, system, scale)
+    """A lattice per crystal from the flow of its crystal system given the context (lengths
+    per atom with the lattice last: ``n_atoms``)."""
+    return model.lattice.sample(ctx, model.sym.crystal_system[g], n_atoms)
 
 
 def _sample_lattice(model, h_end, g, sites_w) -> Tensor:

@@ -1,0 +1,68 @@
+"""The model's settings: one dataclass, written into every checkpoint as JSON-able values and
+checked before a model is built from it (a training config, a file, a checkpoint)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    d_ff: int = 768
+    dropout: float = 0.0
+    coord_mixtures: int = 16
+    fourier_freqs: int = 6
+    max_sites: int = 64
+    flow_transforms: int = 3
+    flow_hidden: int = 128
+    conditions: dict[str, int] = field(default_factory=dict)  # name -> input dimension
+    # P(crystal | composition): the structure-prediction (CSP) variant; the composition is read
+    # off each training crystal, and sampling needs one (``composition=``)
+    condition_on_composition: bool = False
+    # the order of the factorisation: P(g) P(L | g) prod P(site | L, ...) ("first", the original
+    # design: every site sees the lattice, so atoms are placed with their distances known) or
+    # P(g) prod P(site | ...) P(L | g, sites) ("last")
+    lattice_first: bool = False
+    # element embeddings built from chemistry (group, period, electronegativity, radius, ...)
+    # added to the learnt ones, in the inputs and in the element head
+    element_features: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Every setting of the right type and in range, named in the error (a config read from
+        a file or a checkpoint would otherwise fail deep inside torch)."""
+        ints = ("d_model", "n_layers", "n_heads", "d_ff", "coord_mixtures", "fourier_freqs",
+                "max_sites", "flow_transforms", "flow_hidden")  # fmt: skip
+        for name in ints:
+            check_number(f"model.{name}", getattr(self, name), 1, int)
+        check_number("model.dropout", self.dropout, 0.0, float)
+        if self.dropout >= 1:
+            raise ValueError(f"setting model.dropout={self.dropout!r} must be below 1")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be a multiple of model.n_heads={self.n_heads}"
+            )
+        for name in ("condition_on_composition", "lattice_first", "element_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be true/false")
+        conditions = self.conditions
+        if not isinstance(conditions, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in conditions.items()
+        ):
+            raise ValueError(f"setting model.conditions={conditions!r} must map names to sizes")
+
+
+def check_number(name: str, value, low: float, kind: type) -> None:
+    """A setting that must be a whole number (``kind=int``) or a finite number, >= ``low``."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = number and (isinstance(value, int) if kind is int else math.isfinite(value))
+    if not ok or value < low:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"setting {name}={value!r} must be {what} >= {low}")
