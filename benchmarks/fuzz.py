@@ -314,7 +314,9 @@ def _check_samples(folder: Path, opts: dict[str, str], flags: list[str]) -> None
     groups = set(parse_spacegroups(opts["--spacegroup"])) if "--spacegroup" in opts else None
     allowed = set(parse_elements(opts.get("--elements")) or []) or None
     banned = set(parse_elements(opts.get("--exclude-elements")) or [])
-    chemsys = set(opts["--chemsys"].split("-")) if "--chemsys" in opts else None
+    chemsys = None
+    if "--chemsys" in opts:
+        chemsys = {e.strip() for e in opts["--chemsys"].split("-") if e.strip()}
     for row in rows:
         s = Structure.from_file(folder / row["cif"])
         comp = s.composition
@@ -380,7 +382,10 @@ def case_sample_api(rng: random.Random, tmp: Path) -> tuple[str, str]:
         if "spacegroup" in kw:
             from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-            sg = SpacegroupAnalyzer(s, symprec=0.01).get_space_group_number()
+            # the sampler's definition: spglib at 0.01 A with spglib's own angle tolerance
+            # (pymatgen's default of 5 degrees calls a cell with 89-91 degree angles square)
+            sga = SpacegroupAnalyzer(s, symprec=0.01, angle_tolerance=-1)
+            sg = sga.get_space_group_number()
             if sg not in parse_spacegroups(kw["spacegroup"]):
                 raise Wrong(f"space group {sg} for {kw['spacegroup']!r}")
         if "composition" in kw:

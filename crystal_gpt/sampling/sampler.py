@@ -92,7 +92,15 @@ def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]
     'P6_3/mmc'), crystal systems ('cubic'), or a comma-separated list of these ('194,225')."""
     if isinstance(spacegroups, int | np.integer):
         return [int(spacegroups)]
-    parts = spacegroups.split(",") if isinstance(spacegroups, str) else list(spacegroups)
+    if isinstance(spacegroups, str):
+        parts = spacegroups.split(",")
+    elif isinstance(spacegroups, Iterable):
+        parts = list(spacegroups)
+    else:
+        raise ValueError(
+            f"space group {spacegroups!r}: give a number, a symbol such as 'Fm-3m', a crystal "
+            "system or a list of these"
+        )
     tables = get_tables()
     out: list[int] = []
     for part in parts:
