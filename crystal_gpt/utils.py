@@ -110,6 +110,10 @@ def _serve(conn, fn: Callable) -> None:
     """Worker loop: one job at a time from the pipe, its result (or error) back."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if "torch" in sys.modules:
+        # one thread per worker: the workers are the parallelism, and an OpenMP pool that the
+        # parent had started does not survive a fork (its first parallel region would hang)
+        sys.modules["torch"].set_num_threads(1)
     while True:
         try:
             item = conn.recv()

@@ -351,3 +351,15 @@ def test_old_checkpoint_converts_with_one_command_and_run_folders_load(tmp_path,
     assert CrystalGPT.from_pretrained(str(run)).config.d_model == cfg.d_model
     with pytest.raises(FileNotFoundError, match="not a run"):
         load_model(tmp_path)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    from crystal_gpt.model.checkpoints import load_model, read_checkpoint
+
+    state = read_checkpoint(Path(str(resources.files("crystal_gpt"))) / "models/perov_5.pt")
+    name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 1)
+    state["model"][name] = state["model"][name].clone()
+    state["model"][name].view(-1)[0] = float("nan")  # what a flipped byte can do
+    torch.save(state, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        load_model(tmp_path / "damaged.pt")

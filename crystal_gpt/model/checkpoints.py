@@ -129,10 +129,14 @@ def load_model(
     try:
         # bundled weights are float16: back to float32 (a no-op for a training checkpoint)
         weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
-        model.load_weights(weights)
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+        if not bad:
+            model.load_weights(weights)
     except (AttributeError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: the weights do not fit their model settings ({first})") from None
+    if bad:  # a damaged file: every draw would fail, or be NaN
+        raise ValueError(f"{path}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")
     model.meta = state.get("meta", {"file": str(path)})
     return model.to(device).eval()
 
