@@ -171,12 +171,10 @@ def test_a_killed_or_slow_relaxation_costs_that_crystal_only(tmp_path, monkeypat
     ]
     cache = tmp_path / "relax.jsonl"
     t0 = time.perf_counter()
-    res = relax_structures(
-        crystals, steps=10, workers=2, cache=cache, progress=False, time_limit=10
-    )
+    res = relax_structures(crystals, steps=10, workers=2, cache=cache, progress=False, time_limit=6)
     assert time.perf_counter() - t0 < 60
     assert res[0].ok
-    assert "worker died" in res[1].error and "time limit of 10 s" in res[2].error
+    assert "worker died" in res[1].error and "time limit of 6 s" in res[2].error
     assert len(stability.read_relax_cache(cache)) == 3  # recorded: a resume does not retry them
 
 

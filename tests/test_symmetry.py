@@ -86,6 +86,7 @@ def test_crystal_systems():
         crystal_system_of(231)
 
 
+@pytest.mark.slow  # benchmarks/slow_tests.sh: the tables change only with their builder
 def test_shipped_tables_equal_a_fresh_build():
     fresh = build_tables()
     for key in T.__dataclass_fields__:

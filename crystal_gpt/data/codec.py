@@ -164,7 +164,6 @@ def _lattice_parameters(matrix: np.ndarray) -> np.ndarray:
 
 MAX_ATOMS = 1000  # atoms in the given cell (mp_20: at most 20; spglib slows down far beyond)
 MAX_LENGTH = 1000.0  # Angstrom per lattice vector (pymatgen's Niggli search explodes far beyond)
-MIN_SEPARATION = 0.1  # Angstrom: closer atoms are one atom written twice, not a crystal
 
 
 def _cell_of(structure: Structure) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -195,15 +194,6 @@ def _cell_of(structure: Structure) -> tuple[np.ndarray, np.ndarray, list[int]]:
     frac = np.asarray(structure.frac_coords, dtype=float)
     if not np.all(np.isfinite(frac)):
         raise EncodingError("atomic coordinates are not finite")
-    if len(structure) > 1:
-        d = structure.lattice.get_all_distances(frac, frac)
-        np.fill_diagonal(d, np.inf)
-        if d.min() < MIN_SEPARATION:
-            i, j = np.unravel_index(np.argmin(d), d.shape)
-            raise EncodingError(
-                f"atoms {i} and {j} ({structure[i].species_string}, {structure[j].species_string})"
-                f" are {d.min():.3g} A apart: one atom written twice?"
-            )
     numbers = [int(sp.Z) for sp in structure.species]
     return matrix, frac, numbers
 
