@@ -17,7 +17,11 @@ from crystal_gpt.data.codec import DEFAULT_SYMPREC
 from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
 from crystal_gpt.data.statistics import dataset_statistics, print_statistics
 from crystal_gpt.data.symmetry import get_tables
-from crystal_gpt.utils import rate
+from crystal_gpt.utils import prepare_output_folder, rate
+
+# what `evaluate` and `evaluate-csp` write (an earlier run's copies are removed up front)
+REPORT_FILES = ("report.md", "report.html", "metrics.json", "crystals.csv", "*.png")
+CSP_FILES = ("csp.json", "csp.csv", "csp.md")
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -219,6 +223,7 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be at least 1 (samples per composition), got {args.k}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    prepare_output_folder(args.out, CSP_FILES)  # a bad --out fails now, not after the run
     model = load_model(args.model, pick_device(args.device))
     data = load_dataset(args.dataset, args.split)
     records = list(data)
@@ -242,7 +247,7 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         description=f"model {args.model}; {args.dataset} {args.split}, {subset}",
         min_distance=_parse_min_distance(args.min_distance),
     )
-    out = result.write(args.out)
+    out = result.write(args.out)  # checked up front (prepare_output_folder)
     summary = result.summary()
     k = args.k
     print(
@@ -287,6 +292,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
     if args.samples is None:
         raise ValueError("give SAMPLES (a folder, CIF, extxyz or CSV) or --build-reference")
+    # a bad --out fails now, not after the evaluation; the report files of an earlier run go
+    # (the relaxation cache stays: it resumes)
+    prepare_output_folder(args.out, REPORT_FILES)
     ev = evaluate(
         args.samples,
         args.dataset,

@@ -34,6 +34,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def prepare_output_folder(out_dir: str | os.PathLike, stale: Iterable[str] = ()) -> Path:
+    """Check before any work that ``out_dir`` is (or can become) a writable folder, and remove
+    the files matching the ``stale`` patterns that an earlier run left there, so the folder
+    ends up holding only this run's outputs; the errors name the path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    for pattern in stale:
+        for old in out.glob(pattern):
+            if old.is_file():
+                old.unlink()
+    return out
+
+
 def fmt(x, digits: int | str = 2, missing: str = "-") -> str:
     """A value for a table or log: floats with ``digits`` decimals (or a format spec such as
     ".6g"), None and NaN as ``missing``, booleans as yes/no, anything else as ``str``."""

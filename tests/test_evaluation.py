@@ -336,3 +336,29 @@ def test_an_unreadable_cif_counts_as_an_invalid_crystal(tmp_path, mp20_test_subs
     assert ev.metrics["unreadable"] == 1 and ev.metrics["crystals"] == 3
     assert v["struct_valid"] == 75.0 and v["struct_valid_readable_only"] == 100.0
     assert "4 generated crystals" in " ".join(ev.metrics["departures"])
+
+
+def test_evaluate_checks_out_before_any_work_and_clears_an_old_report(
+    sample_folder, tmp_path, capsys
+):
+    import time
+
+    from crystal_gpt.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for command in (["evaluate", str(sample_folder)], ["evaluate-csp", "-k", "1"]):
+        t0 = time.perf_counter()
+        assert main([*command, "--out", str(blocker / "below")]) == 2
+        assert "cannot write there" in capsys.readouterr().err
+        assert main([*command, "--out", str(blocker)]) == 2
+        assert "exists and is not a folder" in capsys.readouterr().err
+        assert time.perf_counter() - t0 < 5  # refused before loading or featurising anything
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "e_above_hull.png").write_bytes(b"old")  # from an earlier --stability run
+    (out / "relaxations.jsonl").write_text("")  # the resume cache stays
+    argv = ["evaluate", str(sample_folder), "--reference-limit", "20", "--no-novelty",
+            "--workers", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert not (out / "e_above_hull.png").exists() and (out / "relaxations.jsonl").exists()

@@ -11,6 +11,7 @@ from pymatgen.core.operations import SymmOp
 
 from crystal_gpt.data.codec import WyckoffCrystal
 from crystal_gpt.data.symmetry import get_tables
+from crystal_gpt.utils import prepare_output_folder
 
 SUMMARY_FIELDS = (
     "index",
@@ -85,22 +86,9 @@ def wyckoff_cif(crystal: WyckoffCrystal, name: str = "crystal") -> str:
 
 def prepare_sample_folder(out_dir: str | Path) -> Path:
     """Check, before any sampling, that ``out_dir`` can take a sample folder, and clear the
-    files a previous run left there (so no stale CIF sits beside a new summary); the errors
-    name the path."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    try:
-        (out / "cif").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot write there ({err.strerror})") from None
-    for old in (out / "cif").glob("crystal_*.cif"):
-        old.unlink()
-    for name in ("samples.extxyz", "summary.csv"):
-        (out / name).unlink(missing_ok=True)
+    files a previous run left there (so no stale CIF sits beside a new summary)."""
+    out = prepare_output_folder(out_dir, ("cif/crystal_*.cif", "samples.extxyz", "summary.csv"))
+    (out / "cif").mkdir(exist_ok=True)
     return out
 
 
