@@ -29,6 +29,12 @@ def _models_dir() -> Path:
     return Path(str(resources.files("crystal_gpt") / "models"))
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception as one short line for an error message."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """A checkpoint's contents without running code: torch's weights-only unpickler accepts
     tensors, numbers, strings and containers only, so a file crafted to execute something on
@@ -36,10 +42,9 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"{path}: not a readable crystal-gpt checkpoint (only weights-only files load: "
-            f"{first[:200]})"
+            f"{_first_line(err)})"
         ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a crystal-gpt checkpoint (no model weights in it)")
@@ -133,8 +138,9 @@ def load_model(
         if not bad:
             model.load_weights(weights)
     except (AttributeError, KeyError, TypeError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: the weights do not fit their model settings ({first})") from None
+        raise ValueError(
+            f"{path}: the weights do not fit their model settings ({_first_line(err)})"
+        ) from None
     if bad:  # a damaged file: every draw would fail, or be NaN
         raise ValueError(f"{path}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")
     model.meta = state.get("meta", {"file": str(path)})
