@@ -39,8 +39,9 @@ from crystal_gpt.data.symmetry import CRYSTAL_SYSTEMS, get_tables
 from crystal_gpt.utils import atomic_path, parallel_map
 
 # 2: canonical origin, symmetrised coordinates; 3: translation-free spglib input;
-# 4: polar origin on the symmetrised anchor atom
-ENCODER_VERSION = 4
+# 4: polar origin on the symmetrised anchor atom; 5: the most symmetric spglib answer that
+# fits, orbits judged after symmetrising, the smallest of equally symmetric encodings
+ENCODER_VERSION = 5
 
 
 def cache_dir() -> Path:

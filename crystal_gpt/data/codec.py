@@ -271,20 +271,22 @@ def encode_p1(structure: Structure) -> WyckoffCrystal:
     )
 
 
-def _symmetry_of(cell: tuple, symprec: float):
-    """spglib's dataset, the same whatever the atom order or origin of the input.
+def _symmetry_candidates(cell: tuple, symprec: float) -> list:
+    """spglib's datasets for the crystal seen from each atom of its rarest element, most
+    symmetric first: the list is the same whatever the atom order or origin of the input.
 
     For a crystal distorted close to the tolerance, spglib's answer depends on which atom it
     starts from (the first of the rarest element). Each atom of the rarest element is tried
-    first in turn, moved to the origin with the others in a fixed order relative to it, and
-    the most symmetric answer is kept (ties: the higher group number), so the result depends
-    on the crystal alone, not on its translation or atom order. Returns the dataset and the
-    cell it describes."""
+    first in turn, moved to the origin with the others in a fixed order relative to it. The
+    order: symmetry operations per primitive cell, then operations in the cell (a
+    pseudo-translation found), then the group number. Returns (key, dataset, cell, signature)
+    tuples; the signature (group and partition of the atoms into orbits) tells answers apart
+    that differ in more than the origin."""
     matrix, frac, numbers = cell
     nums = np.asarray(numbers)
     values, counts = np.unique(nums, return_counts=True)
     rarest = np.nonzero(nums == values[np.argmin(counts)])[0]
-    best, best_key, best_cell, errors = None, None, None, []
+    found, errors = [], []
     for first in rarest:
         # that atom at the origin, the others by element and position relative to it: the
         # input spglib sees no longer depends on the crystal's translation
@@ -298,15 +300,17 @@ def _symmetry_of(cell: tuple, symprec: float):
         except EncodingError as err:
             errors.append(str(err))
             continue
-        per_prim = (
-            len(ds.rotations) * max(len(set(ds.mapping_to_primitive.tolist())), 1) / len(nums)
-        )
-        key = (per_prim, int(ds.number))
-        if best_key is None or key > best_key:
-            best, best_key, best_cell = ds, key, trial
-    if best is None:
+        n_prim = max(len(set(ds.mapping_to_primitive.tolist())), 1)
+        key = (len(ds.rotations) * n_prim / len(nums), len(ds.rotations), int(ds.number))
+        orbits: dict[int, list[int]] = {}
+        for k, o in enumerate(np.asarray(ds.crystallographic_orbits).tolist()):
+            orbits.setdefault(o, []).append(int(order[k]))
+        signature = (int(ds.number), tuple(sorted(tuple(sorted(v)) for v in orbits.values())))
+        found.append((key, len(found), ds, trial, signature))
+    if not found:
         raise EncodingError(errors[0])
-    return best, best_cell
+    found.sort(key=lambda f: (tuple(-k for k in f[0]), f[1]))
+    return [(key, ds, trial, sig) for key, _, ds, trial, sig in found]
 
 
 def _spglib_dataset(cell: tuple, symprec: float):
@@ -329,8 +333,33 @@ def _spglib_dataset(cell: tuple, symprec: float):
 
 
 def _encode_cell(cell: tuple, symprec: float) -> WyckoffCrystal:
+    """The most symmetric of spglib's answers whose atoms fit the group's Wyckoff positions,
+    and among equally symmetric ones the smallest encoding: near the tolerance, starting atoms
+    give datasets whose positions do not fit, or that pair the atoms into orbits otherwise,
+    and the choice must not depend on which atom the input happens to list first."""
+    errors, seen = [], set()
+    best, best_key = None, None
+    for key, ds, trial, signature in _symmetry_candidates(cell, symprec):
+        if best is not None and key != best_key:
+            break
+        if signature in seen:
+            continue
+        seen.add(signature)
+        try:
+            wc = _encode_dataset(ds, trial, symprec)
+        except EncodingError as err:
+            errors.append(err)
+            continue
+        seq = (wc.wyckoff, wc.species, wc.coords)
+        if best is None or _precedes(seq, (best.wyckoff, best.species, best.coords)):
+            best, best_key = wc, key
+    if best is None:
+        raise errors[0]
+    return best
+
+
+def _encode_dataset(ds, cell: tuple, symprec: float) -> WyckoffCrystal:
     tables = get_tables()
-    ds, cell = _symmetry_of(cell, symprec)
     g = int(ds.number)
     std_lattice = np.asarray(ds.std_lattice, dtype=float)
     std_types = np.asarray(ds.std_types, dtype=int)
@@ -534,34 +563,43 @@ def _canonical_representative(
     delta = projected - points
     delta -= np.rint(delta)
     dist = np.sqrt(np.einsum("ni,ij,nj->n", delta, metric, delta))
-    on_position = np.nonzero(dist < symprec)[0]
-    if on_position.size == 0:
+    if dist.min() >= symprec:
         return None
-    rep = projected[on_position[0]]
-    # The orbit of the representative must reproduce, one to one, the atoms it stands for.
+    rep = projected[np.argmin(dist)]
     rot, trans = tables.orbit_ops(g, w)
-    images = wrap01(np.einsum("kij,j->ki", rot, rep) + trans)
-    diff = points[None, :, :] - images[:, None, :]
-    diff -= np.rint(diff)
-    d2 = np.einsum("abi,ij,abj->ab", diff, metric, diff)
+    free = tables.free_mask[g, w]
+    A = tables.proj_rot[g, w][:, free]  # free parameters -> displacement on the position
+    J = np.einsum("kij,jf->kif", rot, A)  # their effect on each image
+    # Symmetrise before judging: the orbit of the best-fitting representative must reproduce,
+    # one to one, the atoms it stands for. Judged on one raw member instead, a crystal
+    # distorted close to the tolerance would pass or fail depending on the member.
+    images, diff, d2 = _orbit_offsets(rot, trans, rep, points, metric)
+    if free.any():
+        nearest = diff[np.arange(len(images)), np.argmin(d2, axis=1)]  # atom - image, per op
+        lhs = np.einsum("kif,ij,kjh->fh", J, metric, J)
+        rhs = np.einsum("kif,ij,kj->f", J, metric, nearest)
+        rep = tables.project(g, w, rep + A @ np.linalg.solve(lhs, rhs))
+        images, diff, d2 = _orbit_offsets(rot, trans, rep, points, metric)
     close = d2 < symprec**2
     if not (close.any(axis=0).all() and close.any(axis=1).all()):
         return None
-    free = tables.free_mask[g, w]
     if not free.any():
         return rep
-    nearest = diff[np.arange(len(images)), np.argmin(d2, axis=1)]  # atom - image, per op
-    A = tables.proj_rot[g, w][:, free]  # free parameters -> displacement on the position
-    J = np.einsum("kij,jf->kif", rot, A)  # their effect on each image
-    lhs = np.einsum("kif,ij,kjh->fh", J, metric, J)
-    rhs = np.einsum("kif,ij,kj->f", J, metric, nearest)
-    rep = tables.project(g, w, rep + A @ np.linalg.solve(lhs, rhs))
     # the symmetrised orbit's members on the first operation; the smallest free coordinates
-    images = wrap01(np.einsum("kij,j->ki", rot, rep) + trans)
+    images = wrap01(images)
     on = tables.project(g, w, images) - images
     on -= np.rint(on)
     cands = images[np.all(np.abs(on) < 1e-9, axis=1)]
     return tables.project(g, w, cands[_lexmin(cands[:, free])])
+
+
+def _orbit_offsets(rot, trans, rep, points, metric):
+    """The orbit's images of rep, atom - image offsets (nearest periodic copy) and their
+    squared lengths, image by atom."""
+    images = np.einsum("kij,j->ki", rot, rep) + trans
+    diff = points[None, :, :] - images[:, None, :]
+    diff -= np.rint(diff)
+    return images, diff, np.einsum("abi,ij,abj->ab", diff, metric, diff)
 
 
 def _lexmin(keys: np.ndarray, tol: float = _TIE_TOL) -> int:
