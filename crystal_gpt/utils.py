@@ -74,39 +74,31 @@ def rate(count: float, seconds: float, unit: str = "/s") -> str:
     return f"{r:.0f}{unit}" if r >= 10 or not math.isfinite(r) else f"{r:.2g}{unit}"
 
 
+def _start_method() -> str:
+    """fork where the OS has it (no ``if __name__ == "__main__"`` guard needed in user
+    scripts, workers share the imported modules), else spawn."""
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
 def process_pool(workers: int):
-    """A worker pool that plain user scripts can use: fork where the OS has it (no
-    ``if __name__ == "__main__"`` guard needed, workers share the imported modules), else spawn.
-    (Why not ``tqdm.contrib.concurrent.process_map``: its executor takes the interpreter's
-    default start method, which needs that guard where it is not fork.)"""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers)
+    """A worker pool that plain user scripts can use (see :func:`_start_method`)."""
+    return mp.get_context(_start_method()).Pool(workers)
 
 
 def parallel_map(
-    fn: Callable,
-    jobs: Iterable,
-    workers: int | None,
-    total: int | None,
-    desc: str,
-    progress: bool,
-    chunksize: int = 32,
+    fn: Callable, jobs: Iterable, workers: int | None, total: int | None, desc: str, progress: bool
 ) -> list:
-    """``[fn(job) for job in jobs]`` over worker processes (in order), with a progress bar."""
+    """``[fn(job) for job in jobs]`` over worker processes (in order), with a progress bar:
+    tqdm's ``process_map`` in the start method of :func:`process_pool`, one job per task (with
+    larger chunks its bar counts chunks, not jobs)."""
+    from tqdm.contrib.concurrent import process_map
+
     workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
-    results = []
+    bar = dict(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
     if workers > 1:
-        with process_pool(workers) as pool:
-            for res in pool.imap(fn, jobs, chunksize=chunksize):
-                results.append(res)
-                bar.update()
-    else:
-        for job in jobs:
-            results.append(fn(job))
-            bar.update()
-    bar.close()
-    return results
+        context = mp.get_context(_start_method())
+        return process_map(fn, jobs, max_workers=workers, mp_context=context, **bar)
+    return [fn(job) for job in tqdm(jobs, **bar)]
 
 
 @dataclass

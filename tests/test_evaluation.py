@@ -170,6 +170,21 @@ def test_uniqueness_with_duplicates():
     assert mask.tolist() == [True, True, False, True, False]
 
 
+def test_uniqueness_when_the_matcher_fails_on_a_crystal():
+    """group_structures raises for a whole formula when one cell breaks the matcher: that
+    crystal becomes a class of its own and the others are still grouped."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    class Fragile(StructureMatcher):
+        def _get_reduced_structure(self, struct, primitive_cell=True, niggli=True):
+            if struct.lattice.a > 50:
+                raise ValueError("cannot reduce")
+            return super()._get_reduced_structure(struct, primitive_cell, niggli)
+
+    crystals = [rocksalt(), rocksalt(60.0), rocksalt(5.70), rocksalt(6.29, ("K", "Cl"))]
+    assert metrics.unique_mask(crystals, Fragile()).tolist() == [True, True, False, True]
+
+
 def test_training_crystals_are_not_novel():
     train = load_dataset("mp_20", "train", limit=40).structures
     ts = TrainingSet("mp_20", "train", limit=40, workers=1, progress=False)

@@ -77,7 +77,7 @@ def check_roundtrips(
     desc: str = "round trip",
 ) -> list[RoundTrip]:
     jobs = [(s, symprec, mode) for s in structures]
-    return parallel_map(_check, jobs, workers, len(jobs), desc, progress, chunksize=16)
+    return parallel_map(_check, jobs, workers, len(jobs), desc, progress)
 
 
 def summarize(results: list[RoundTrip]) -> dict[str, float]:

@@ -213,7 +213,7 @@ def evaluate_csp(
     ids = ids or [str(i) for i in range(len(targets))]
     t0 = time.perf_counter()
     jobs = [(s, model.config.max_sites) for s in targets]
-    prepared = parallel_map(_prepare, jobs, workers, len(jobs), "compositions", progress, 16)
+    prepared = parallel_map(_prepare, jobs, workers, len(jobs), "compositions", progress)
     comps = [comp for comp, _ in prepared]
     feasible = np.array([ok for _, ok in prepared], dtype=bool)
     t1 = time.perf_counter()
@@ -242,7 +242,7 @@ def evaluate_csp(
             generated.append(None)
     t2 = time.perf_counter()
     jobs = [(targets[i], generated[j * k : (j + 1) * k]) for j, i in enumerate(todo)]
-    matched = parallel_map(_match_job, jobs, workers, len(jobs), "matching", progress, chunksize=4)
+    matched = parallel_map(_match_job, jobs, workers, len(jobs), "matching", progress)
     t3 = time.perf_counter()
     rms = np.full((len(targets), k), np.nan)
     valid = np.zeros((len(targets), k), dtype=bool)

@@ -102,7 +102,6 @@ def reference_features(
         len(rows),
         desc,
         progress,
-        chunksize=4,
     )
     table = FeatureTable.from_rows([r for r in out if r is not None])
     if use_cache:
@@ -138,7 +137,7 @@ class TrainingSet:
             return
         rows = _split_rows(dataset, split, limit, data_dir)
         desc = f"training formulas {dataset}/{split}"
-        got = parallel_map(_row_formula_job, rows, workers, len(rows), desc, progress, 64)
+        got = parallel_map(_row_formula_job, rows, workers, len(rows), desc, progress)
         keep = [k for k, f in enumerate(got) if f is not None]
         self.formula = np.array([got[k] for k in keep], dtype=str)
         self.position = np.array(keep, dtype=np.int64)
