@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from crystal_gpt import __version__
-from crystal_gpt.data.cache import EncodedDataset, cache_dir, encode_dataset
+from crystal_gpt.data.cache import cache_dir, encode_dataset
 from crystal_gpt.data.codec import DEFAULT_SYMPREC
 from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
 from crystal_gpt.data.statistics import dataset_statistics, print_statistics
@@ -142,9 +142,6 @@ def cmd_nll(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
-    from crystal_gpt.data.batching import PaddedCrystals
     from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.sampling.output import prepare_sample_folder, write_samples
@@ -155,16 +152,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("-n must be at least 1")
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    prepare_sample_folder(args.out)  # a bad --out fails now, not after the sampling
-    t0 = time.perf_counter()
-
-    crystals = sample_crystals(
-        model,
-        args.n,
+    options = dict(
         spacegroup=args.spacegroup,
         temperature=args.temperature,
         top_p=args.top_p,
-        seed=args.seed,
         elements=args.elements,
         exclude_elements=args.exclude_elements,
         composition=args.composition,
@@ -176,14 +167,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         min_distance=_parse_min_distance(args.min_distance),
         charge_balanced=args.charge_balanced,
-        progress=True,  # appears after 2 s
     )
+
+    def draw(n: int, seed: int | None, progress: bool = True):
+        crystals = sample_crystals(model, n, seed=seed, progress=progress, **options)
+        lp = model.crystal_log_prob(crystals)
+        return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
+
+    if args.format == "parquet":
+        from crystal_gpt.sampling.shards import write_shards
+
+        settings = {"model": str(args.model), **{k: str(v) for k, v in options.items()}}
+        done = write_shards(
+            lambda n, seed: draw(n, seed, progress=False),
+            args.n,
+            args.out,
+            shard_size=args.shard_size,
+            seed=0 if args.seed is None else args.seed,
+            settings=settings,
+            resume=args.resume,
+        )
+        print(
+            f"{args.n} crystals in {done['shards']} shards -> {args.out}/part-*.parquet "
+            f"({done['written']} drawn in {done['seconds']:.1f} s, "
+            f"{rate(done['written'], done['seconds'])}; {done['kept']} kept from before)"
+        )
+        return 0
+    if args.resume:
+        raise ValueError("--resume applies to --format parquet")
+    prepare_sample_folder(args.out)  # a bad --out fails now, not after the sampling
+    t0 = time.perf_counter()
+    crystals, loglik = draw(args.n, args.seed)  # the progress bar appears after 2 s
     structures = [decode(c) for c in crystals]
-    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
-    with torch.no_grad():
-        idx = np.arange(len(crystals))
-        lp = model(data.batch(idx, device))
-    loglik = {k: lp[k].cpu().tolist() for k in ("total", "g", "W", "A", "X", "L")}
     out = write_samples(crystals, structures, args.out, loglik)
     dt = time.perf_counter() - t0
     redrawn = sum(c.meta.get("redraws", 0) for c in crystals)
@@ -554,6 +569,22 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, help="for reproducible samples")
     sa.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     sa.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    sa.add_argument(
+        "--format",
+        choices=("cif", "parquet"),
+        default="cif",
+        help="cif (default): a CIF per crystal, samples.extxyz and summary.csv; parquet: "
+        "part-00000.parquet ... shards (one row per crystal: formula, group, Wyckoff sites, "
+        "lattice, atoms, CIF text, log-likelihood parts), one seed per shard, for large runs",
+    )
+    sa.add_argument(
+        "--shard-size", type=int, default=10000, help="crystals per parquet shard (default 10000)"
+    )
+    sa.add_argument(
+        "--resume",
+        action="store_true",
+        help="parquet: keep the shards an interrupted run with the same settings wrote",
+    )
     sa.set_defaults(func=cmd_sample)
 
     cs = sub.add_parser(

@@ -1,4 +1,5 @@
-"""Generated crystals from files: a sample folder (summary.csv), CIF files, extxyz, CSV of CIFs."""
+"""Generated crystals from files: a sample folder (summary.csv), parquet shards, CIF files,
+extxyz, CSV of CIFs."""
 
 from __future__ import annotations
 
@@ -103,6 +104,24 @@ def _read_summary(path: Path, progress: bool) -> LoadedStructures:
     return out
 
 
+def _read_parquet(paths: list[Path], source: str) -> LoadedStructures:
+    """``crystal-gpt sample --format parquet`` shards (the exact atoms, not the CIF column)."""
+    from crystal_gpt.sampling.shards import read_shard_structures
+
+    out = LoadedStructures([], [], source=source)
+    for path in paths:
+        try:
+            names, structures = read_shard_structures([path])
+        except Exception as err:  # not parquet, or not our columns
+            out.errors.append((str(path), "cannot read as crystal-gpt parquet: " + _short(err)))
+            continue
+        out.names += names
+        out.structures += structures
+    if not out.structures and out.errors:
+        raise ValueError(f"{source}: {out.errors[0][1]}")
+    return out
+
+
 def _read_csv_cifs(path: Path, progress: bool) -> LoadedStructures:
     from crystal_gpt.data.datasets import read_rows
 
@@ -118,15 +137,19 @@ def _read_csv_cifs(path: Path, progress: bool) -> LoadedStructures:
 
 
 def load_structures(path: str | os.PathLike, progress: bool = True) -> LoadedStructures:
-    """Crystals from a ``crystal-gpt sample`` folder, a folder of CIFs, an extxyz file, a
-    summary.csv, a CDVAE-format CSV or one CIF. Unreadable files are skipped and listed in
-    ``.errors`` (file and reason); a missing path or a folder without crystals raises."""
+    """Crystals from a ``crystal-gpt sample`` folder (CIFs or parquet shards), a folder of CIFs,
+    a parquet file, an extxyz file, a summary.csv, a CDVAE-format CSV or one CIF. Unreadable
+    files are skipped and listed in ``.errors`` (file and reason); a missing path or a folder
+    without crystals raises."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
         if (path / "summary.csv").exists():
             return _read_summary(path / "summary.csv", progress)
+        shards = sorted(path.glob("*.parquet"))
+        if shards:
+            return _read_parquet(shards, f"{path} ({len(shards)} parquet shards)")
         cifs = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".cif" and p.is_file())
         if cifs:
             out = _read_cif_files(cifs, [str(p.relative_to(path)) for p in cifs], progress)
@@ -149,6 +172,8 @@ def load_structures(path: str | os.PathLike, progress: bool = True) -> LoadedStr
         return LoadedStructures(
             structures, [f"{path.name}#{i}" for i in range(len(structures))], source=str(path)
         )
+    if suffix == ".parquet":
+        return _read_parquet([path], str(path))
     if suffix == ".cif":
         out = _read_cif_files([path], [path.name], progress)
         if not out.structures:
@@ -156,5 +181,5 @@ def load_structures(path: str | os.PathLike, progress: bool = True) -> LoadedStr
         out.source = str(path)
         return out
     raise ValueError(
-        f"{path}: unknown input type {suffix!r} (want a folder, .cif, .extxyz, or .csv)"
+        f"{path}: unknown input type {suffix!r} (want a folder, .cif, .extxyz, .parquet or .csv)"
     )

@@ -449,23 +449,26 @@ class CrystalGPT(nn.Module):
         Each structure is encoded (Wyckoff representation, ``symprec``) and scored in its
         canonical site order; ``per_atom`` divides by the atoms of the conventional cell.
         """
-        from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
-        from crystal_gpt.data.cache import EncodedDataset
         from crystal_gpt.data.codec import encode
 
-        data = PaddedCrystals(
-            EncodedDataset.from_crystals([encode(s, symprec) for s in structures]),
-            self.config.max_sites,
-        )
+        return self.crystal_log_prob([encode(s, symprec) for s in structures], batch_size)
+
+    def crystal_log_prob(self, crystals: list, batch_size: int = 256) -> dict[str, Tensor]:
+        """:meth:`log_prob` of WyckoffCrystals (already encoded, e.g. the sampler's)."""
+        from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
+        from crystal_gpt.data.cache import EncodedDataset
+
+        data = PaddedCrystals(EncodedDataset.from_crystals(crystals), self.config.max_sites)
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         keys = (*PARTS, "total")
         out = {k: torch.zeros(len(data)) for k in keys}
-        for idx in bucketed_batches(data.n, batch_size):
-            res = self(data.batch(idx, device))
-            for k in keys:
-                out[k][torch.as_tensor(idx)] = res[k].float().cpu()
+        with torch.no_grad():
+            for idx in bucketed_batches(data.n, batch_size):
+                res = self(data.batch(idx, device))
+                for k in keys:
+                    out[k][torch.as_tensor(idx)] = res[k].float().cpu()
         self.train(was_training)
         out["per_atom"] = out["total"] / torch.as_tensor(data.num_atoms, dtype=torch.float32)
         return out

@@ -92,6 +92,33 @@ def prepare_sample_folder(out_dir: str | Path) -> Path:
     return out
 
 
+def summary_row(
+    i: int, wc: WyckoffCrystal, s: Structure, loglik: dict[str, float] | None = None
+) -> dict:
+    """The summary's columns for crystal ``i`` (its Structure ``s``), log-likelihood parts as
+    ``loglik_<part>``: one definition for summary.csv and the parquet shards."""
+    tables = get_tables()
+    row = {
+        "index": i,
+        "formula": s.composition.reduced_formula,
+        "spacegroup": wc.spacegroup,
+        "symbol": str(tables.symbol[wc.spacegroup]),
+        "wyckoff": " ".join(
+            f"{m}{site[0]}:{site[1]}" for site, m in zip(wc.sites, wc.multiplicities, strict=True)
+        ),
+        "num_atoms": len(s),
+        "redraws": int(wc.meta.get("redraws", 0)),
+        "site_redraws": int(wc.meta.get("site_redraws", 0)),
+        "num_sites": wc.num_sites,
+        "volume": round(s.volume, 4),
+        "density": round(float(s.density), 4),
+        "cif": f"cif/crystal_{i:05d}.cif",
+    }
+    for key, value in (loglik or {}).items():
+        row[f"loglik_{key}"] = round(float(value), 4)
+    return row
+
+
 def write_samples(
     crystals: list[WyckoffCrystal],
     structures: list[Structure],
@@ -105,31 +132,11 @@ def write_samples(
 
     out = Path(out_dir)
     (out / "cif").mkdir(parents=True, exist_ok=True)
-    tables = get_tables()
     rows = []
     atoms = []
     for i, (wc, s) in enumerate(zip(crystals, structures, strict=True)):
-        name = f"crystal_{i:05d}.cif"
-        (out / "cif" / name).write_text(wyckoff_cif(wc, f"{i:05d}_{s.composition.reduced_formula}"))
-        row = {
-            "index": i,
-            "formula": s.composition.reduced_formula,
-            "spacegroup": wc.spacegroup,
-            "symbol": str(tables.symbol[wc.spacegroup]),
-            "wyckoff": " ".join(
-                f"{m}{site[0]}:{site[1]}"
-                for site, m in zip(wc.sites, wc.multiplicities, strict=True)
-            ),
-            "num_atoms": len(s),
-            "redraws": int(wc.meta.get("redraws", 0)),
-            "site_redraws": int(wc.meta.get("site_redraws", 0)),
-            "num_sites": wc.num_sites,
-            "volume": round(s.volume, 4),
-            "density": round(float(s.density), 4),
-            "cif": f"cif/{name}",
-        }
-        for key, values in (loglik or {}).items():
-            row[f"loglik_{key}"] = round(float(values[i]), 4)
+        row = summary_row(i, wc, s, {k: v[i] for k, v in (loglik or {}).items()})
+        (out / row["cif"]).write_text(wyckoff_cif(wc, f"{i:05d}_{row['formula']}"))
         rows.append(row)
         at = AseAtomsAdaptor.get_atoms(s)
         at.info.update(spacegroup=wc.spacegroup, formula=row["formula"])

@@ -1,0 +1,144 @@
+"""Large sample runs as parquet shards that dataframe tools read (pandas, polars, DuckDB, Spark).
+
+Each shard is drawn with its own seed, derived from the run's seed and the shard's number, so a
+shard's crystals do not depend on the others: a run is reproducible shard by shard, and an
+interrupted run resumes at the first missing shard (each shard file appears only when complete).
+``_run.json`` records the settings; resuming with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystal_gpt.data.codec import WyckoffCrystal, decode
+from crystal_gpt.sampling.output import summary_row, wyckoff_cif
+from crystal_gpt.utils import atomic_path, prepare_output_folder, rate
+
+SHARD_NAME = "part-{:05d}.parquet"
+SHARD_GLOB = "part-*.parquet"
+RUN_FILE = "_run.json"  # a leading _ : parquet readers skip it when reading the folder
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("parquet output needs pyarrow: pip install pyarrow") from None
+    return pa, pq
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The seed of shard ``shard`` of a run seeded ``seed`` (independent streams per shard)."""
+    return int(np.random.SeedSequence([int(seed), int(shard)]).generate_state(1)[0])
+
+
+def shard_sizes(n: int, shard_size: int) -> list[int]:
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    full, rest = divmod(n, shard_size)
+    return [shard_size] * full + ([rest] if rest else [])
+
+
+def crystal_records(
+    crystals: list[WyckoffCrystal], loglik: dict[str, list[float]], start: int
+) -> list[dict[str, Any]]:
+    """One row per crystal: the summary's columns, the lattice, the exact atoms (lattice matrix,
+    species, fractional coordinates: what a reader rebuilds the Structure from, since a CIF
+    reader merges coinciding atoms) and the CIF text."""
+    rows = []
+    for k, wc in enumerate(crystals):
+        s = decode(wc)
+        row = summary_row(start + k, wc, s, {key: v[k] for key, v in loglik.items()})
+        del row["cif"]
+        a, b, c, alpha, beta, gamma = (float(v) for v in wc.lattice_parameters)
+        row.update(a=a, b=b, c=c, alpha=alpha, beta=beta, gamma=gamma)
+        row["lattice_matrix"] = s.lattice.matrix.ravel().tolist()
+        row["species"] = [str(sp) for sp in s.species]
+        row["frac_coords"] = s.frac_coords.ravel().tolist()
+        row["cif"] = wyckoff_cif(wc, f"{start + k:08d}_{row['formula']}")
+        rows.append(row)
+    return rows
+
+
+def _settings_match(old: dict, new: dict) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def write_shards(
+    draw: Callable[[int, int], tuple[list[WyckoffCrystal], dict[str, list[float]]]],
+    n: int,
+    out_dir: str | Path,
+    *,
+    shard_size: int,
+    seed: int,
+    settings: dict[str, Any],
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Draw ``n`` crystals into ``out_dir/part-00000.parquet`` ...; ``draw(count, seed)`` gives a
+    shard's crystals and their log-likelihood parts. With ``resume``, shards already written by
+    a run with the same settings are kept. Returns counts and times."""
+    pa, pq = _pyarrow()
+    sizes = shard_sizes(n, shard_size)
+    run = {"n": n, "shard_size": shard_size, "seed": seed, **settings}
+    out = Path(out_dir)
+    run_file = out / RUN_FILE
+    if resume and run_file.is_file():
+        old = json.loads(run_file.read_text())
+        differ = _settings_match(old, run)
+        if differ:
+            raise ValueError(
+                f"--resume: {out} holds a run with other settings ({', '.join(differ)}); "
+                "use another --out or leave out --resume to start over"
+            )
+    else:
+        prepare_output_folder(out, (SHARD_GLOB, RUN_FILE))
+        with atomic_path(run_file) as tmp:
+            tmp.write_text(json.dumps(run, indent=1, sort_keys=True))
+    t0 = time.perf_counter()
+    done = skipped = 0
+    for k, size in enumerate(sizes):
+        path = out / SHARD_NAME.format(k)
+        if path.is_file():
+            skipped += size
+            continue
+        crystals, loglik = draw(size, shard_seed(seed, k))
+        table = pa.Table.from_pylist(crystal_records(crystals, loglik, k * shard_size))
+        with atomic_path(path, ".parquet") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        done += size
+        dt = time.perf_counter() - t0
+        log(
+            f"shard {k + 1}/{len(sizes)}: {path.name} ({size} crystals); "
+            f"{done + skipped}/{n} written, {rate(done, dt, ' crystals/s')}"
+        )
+    return {
+        "shards": len(sizes),
+        "written": done,
+        "kept": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def read_shard_structures(paths: list[Path]):
+    """(names, Structures) from parquet shards, rebuilt exactly from the stored atoms."""
+    from pymatgen.core import Lattice, Structure
+
+    _, pq = _pyarrow()
+    names, structures = [], []
+    for path in paths:
+        cols = ["index", "formula", "lattice_matrix", "species", "frac_coords"]
+        table = pq.read_table(path, columns=cols).to_pydict()
+        for i, formula, m, species, frac in zip(*(table[c] for c in cols), strict=True):
+            lattice = Lattice(np.asarray(m, dtype=float).reshape(3, 3))
+            coords = np.asarray(frac, dtype=float).reshape(-1, 3)
+            structures.append(Structure(lattice, species, coords))
+            names.append(f"{path.name}#{i}_{formula}")
+    return names, structures
