@@ -17,7 +17,7 @@ from crystal_gpt.data.codec import DEFAULT_SYMPREC
 from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
 from crystal_gpt.data.statistics import dataset_statistics, print_statistics
 from crystal_gpt.data.symmetry import get_tables
-from crystal_gpt.utils import prepare_output_folder, rate
+from crystal_gpt.utils import prepare_output_folder, rate, use_executor
 
 # what `evaluate` and `evaluate-csp` write (an earlier run's copies are removed up front)
 REPORT_FILES = ("report.md", "report.html", "metrics.json", "crystals.csv", "*.png")
@@ -438,6 +438,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=("process", "ray"),
+        default="process",
+        help="where the heavy jobs run (relaxations, fingerprints, matching): process (default, "
+        "this machine's worker processes) or ray (a local Ray started on demand, or a cluster "
+        "with --ray-address; crystal-gpt must be installed on its nodes)",
+    )
+    parser.add_argument(
+        "--ray-address", help="an existing Ray cluster, e.g. ray://head:10001 or auto"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="crystal-gpt",
@@ -606,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     cs.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     cs.add_argument("--out", default="csp_eval", help="output folder (default ./csp_eval)")
+    _executor_options(cs)
     cs.set_defaults(func=cmd_evaluate_csp)
 
     ev = sub.add_parser(
@@ -672,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 300 s for features, 600 s for a relaxation)",
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     hu = sub.add_parser(
@@ -743,8 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="No Pauling electronegativity")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (DatasetError, ValueError, FileNotFoundError) as err:
+        with use_executor(getattr(args, "executor", "process"), getattr(args, "ray_address", None)):
+            return int(args.func(args) or 0)
+    except (DatasetError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"crystal-gpt: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like

@@ -85,6 +85,33 @@ def process_pool(workers: int):
     return mp.get_context(_start_method()).Pool(workers)
 
 
+_EXECUTOR: dict[str, Any] = {"kind": "process", "address": None}
+EXECUTORS = ("process", "ray")
+
+
+@contextmanager
+def use_executor(kind: str = "process", address: str | None = None) -> Iterator[None]:
+    """Where the heavy stages' jobs run inside the block: ``process`` (this machine's worker
+    processes) or ``ray`` (a local Ray started on demand, or the cluster at ``address``, e.g.
+    ``ray://head:10001`` or ``auto``). :func:`parallel_map` and :func:`supervised_map` follow
+    it, so every stage built on them (relaxations, fingerprints, CSP matching, dataset
+    encoding) runs on either with the same results, time limits and failure records."""
+    if kind not in EXECUTORS:
+        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    if address is not None and kind != "ray":
+        raise ValueError("--ray-address needs --executor ray")
+    before = dict(_EXECUTOR)
+    _EXECUTOR.update(kind=kind, address=address)
+    try:
+        yield
+    finally:
+        _EXECUTOR.update(before)
+
+
+def executor_kind() -> str:
+    return str(_EXECUTOR["kind"])
+
+
 def parallel_map(
     fn: Callable, jobs: Iterable, workers: int | None, total: int | None, desc: str, progress: bool
 ) -> list:
@@ -95,6 +122,16 @@ def parallel_map(
 
     workers = workers or os.cpu_count() or 1
     bar = dict(total=total, desc=desc, unit="crystal", disable=not progress, file=sys.stderr)
+    if executor_kind() == "ray":
+        jobs = list(jobs)
+        results: list = [None] * len(jobs)
+        with tqdm(**{**bar, "total": len(jobs)}) as pbar:
+            for i, out in ray_map(fn, jobs, workers):
+                if isinstance(out, JobFailure):
+                    raise RuntimeError(f"{desc}: job {i} failed on Ray: {out.reason}")
+                results[i] = out
+                pbar.update()
+        return results
     if workers > 1:
         context = mp.get_context(_start_method())
         return process_map(fn, jobs, max_workers=workers, mp_context=context, **bar)
@@ -150,7 +187,10 @@ def supervised_map(
     (so does a job that raises); the others go on. ``multiprocessing.Pool`` would instead wait
     forever for the lost job and has no per-job limit.
     """
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    if executor_kind() == "ray":
+        yield from ray_map(fn, jobs, workers, time_limit)
+        return
+    ctx = mp.get_context(_start_method())
     pending = deque(enumerate(jobs))
     slots: dict = {}  # pipe -> [process, (index, start time) or None]
 
@@ -218,3 +258,84 @@ def supervised_map(
                 proc.kill()
                 proc.join()
             conn.close()
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--executor ray needs Ray: pip install 'ray>=2.9'") from None
+    return ray
+
+
+def _ray_session(workers: int):
+    """The Ray this process talks to: the one already initialised, the cluster at the
+    executor's address, or a local one started now with ``workers`` CPUs (it lives until this
+    process ends, so later stages reuse it)."""
+    ray = _ray()
+    if not ray.is_initialized():
+        address = _EXECUTOR["address"]
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address is None:
+            kwargs["num_cpus"] = max(1, workers)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = address or "a local Ray"
+            raise ValueError(f"cannot start or reach {where}: {str(err).splitlines()[0]}") from None
+    return ray
+
+
+def _ray_task(fn: Callable, job: Any) -> tuple[bool, Any]:
+    """One job on a Ray worker: its result, or its error as text (as :func:`_serve` sends)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)  # one core per task, as Ray schedules it
+    try:
+        return True, fn(job)
+    except Exception as err:
+        return False, f"{type(err).__name__}: {err}"[:500]
+
+
+def ray_map(
+    fn: Callable, jobs: Iterable, workers: int, time_limit: float | None = None
+) -> Iterator[tuple[int, Any]]:
+    """:func:`supervised_map` on Ray: ``(index, result or JobFailure)`` as jobs finish. Only as
+    many tasks are in flight as the cluster has CPUs, so a task starts when it is submitted
+    and its time limit counts its run; a task past the limit is cancelled (its worker killed),
+    a task whose worker died fails alone, neither is retried."""
+    ray = _ray_session(workers)
+    task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+    capacity = max(1, int(ray.cluster_resources().get("CPU", workers)))
+    pending = deque(enumerate(jobs))
+    running: dict = {}  # object ref -> (index, submit time)
+    try:
+        while pending or running:
+            while pending and len(running) < capacity:
+                i, job = pending.popleft()
+                running[task.remote(fn, job)] = (i, time.monotonic())
+            timeout = None
+            if time_limit is not None:
+                first = min(t0 for _, t0 in running.values())
+                timeout = max(0.0, first + time_limit - time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+            for ref in ready:
+                i, _ = running.pop(ref)
+                try:
+                    ok, result = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    # the last line names the cause (a traceback's error, a dead worker)
+                    lines = [line for line in str(err).splitlines() if line.strip()] or ["?"]
+                    yield i, JobFailure(f"Ray task failed: {lines[-1].strip()[:300]}")
+                    continue
+                yield i, result if ok else JobFailure(result)
+            if time_limit is not None:
+                now = time.monotonic()
+                for ref, (i, t0) in list(running.items()):
+                    if now - t0 >= time_limit:
+                        ray.cancel(ref, force=True)
+                        del running[ref]
+                        yield i, JobFailure(f"time limit of {time_limit:g} s exceeded")
+    finally:
+        for ref in running:
+            with suppress(Exception):
+                ray.cancel(ref, force=True)

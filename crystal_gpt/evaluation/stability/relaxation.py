@@ -25,7 +25,7 @@ from crystal_gpt.evaluation.stability.potential import (
     load_potential,
     potential_tag,
 )
-from crystal_gpt.utils import JobFailure, process_pool, supervised_map
+from crystal_gpt.utils import JobFailure, executor_kind, process_pool, supervised_map
 
 DEFAULT_STEPS = 500
 DEFAULT_FMAX = 0.1  # eV/A, MatterGen / CHGNet default
@@ -252,7 +252,8 @@ def relax_structures(
                     handle.flush()
                 bar.update()
 
-            if workers == 0 or (workers == 1 and time_limit is None):
+            local = executor_kind() == "process"
+            if local and (workers == 0 or (workers == 1 and time_limit is None)):
                 with _single_threaded():
                     for job in jobs:
                         store(*_relax_job(job))
