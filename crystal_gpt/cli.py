@@ -169,8 +169,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         charge_balanced=args.charge_balanced,
     )
 
-    def draw(n: int, seed: int | None, progress: bool = True):
-        crystals = sample_crystals(model, n, seed=seed, progress=progress, **options)
+    def draw(n: int, seed: int | None, progress: bool = True, check_workers: int | None = None):
+        crystals = sample_crystals(
+            model, n, seed=seed, progress=progress, check_workers=check_workers, **options
+        )
         lp = model.crystal_log_prob(crystals)
         return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
 
@@ -179,7 +181,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         settings = {"model": str(args.model), **{k: str(v) for k, v in options.items()}}
         done = write_shards(
-            lambda n, seed: draw(n, seed, progress=False),
+            # several shards at once, one per core: each checks its own symmetry
+            lambda n, seed: draw(n, seed, False, 0 if args.n > args.shard_size else None),
             args.n,
             args.out,
             shard_size=args.shard_size,
@@ -443,7 +446,8 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
         "--executor",
         choices=("process", "ray"),
         default="process",
-        help="where the heavy jobs run (relaxations, fingerprints, matching): process (default, "
+        help="where the heavy jobs run (relaxations, fingerprints, matching, parquet sample "
+        "shards): process (default, "
         "this machine's worker processes) or ray (a local Ray started on demand, or a cluster "
         "with --ray-address; crystal-gpt must be installed on its nodes)",
     )
@@ -599,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="parquet: keep the shards an interrupted run with the same settings wrote",
     )
+    _executor_options(sa)
     sa.set_defaults(func=cmd_sample)
 
     cs = sub.add_parser(

@@ -95,7 +95,8 @@ def use_executor(kind: str = "process", address: str | None = None) -> Iterator[
     processes) or ``ray`` (a local Ray started on demand, or the cluster at ``address``, e.g.
     ``ray://head:10001`` or ``auto``). :func:`parallel_map` and :func:`supervised_map` follow
     it, so every stage built on them (relaxations, fingerprints, CSP matching, dataset
-    encoding) runs on either with the same results, time limits and failure records."""
+    encoding) runs on either with the same results, time limits and failure records; so do
+    parquet sample shards (``sampling.shards``)."""
     if kind not in EXECUTORS:
         raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
     if address is not None and kind != "ray":

@@ -161,13 +161,15 @@ def test_symmetry_statistics():
 # --- uniqueness and novelty -----------------------------------------------------------------
 
 
-def test_uniqueness_with_duplicates():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_uniqueness_with_duplicates(workers):
     nacl = rocksalt()
     supercell = rocksalt().make_supercell([2, 1, 1])  # the same crystal in a bigger cell
     strained = rocksalt(5.70)  # within the default tolerances
     kcl = rocksalt(6.29, ("K", "Cl"))
-    mask = metrics.unique_mask([nacl, cscl(), supercell, kcl, strained])
-    assert mask.tolist() == [True, True, False, True, False]
+    kcl2 = rocksalt(6.30, ("K", "Cl"))
+    mask = metrics.unique_mask([nacl, cscl(), supercell, kcl, strained, kcl2], workers=workers)
+    assert mask.tolist() == [True, True, False, True, False, False]
 
 
 def test_uniqueness_when_the_matcher_fails_on_a_crystal():
@@ -191,6 +193,7 @@ def test_training_crystals_are_not_novel():
     assert len(ts) == 40
     lookup = ts.structures_for({s.composition.reduced_formula for s in train})
     assert not metrics.novel_mask(train, lookup).any()
+    assert not metrics.novel_mask(train, lookup, workers=2).any()
     assert metrics.novel_mask([rocksalt(5.0, ("Li", "I"))], lookup).all()
 
 

@@ -82,6 +82,23 @@ def test_stability_on_ray_equals_process_pool(local_ray, tmp_path):
     assert math.isclose(pool["stable_0.1"], on_ray["stable_0.1"])
 
 
+def test_parquet_shards_on_ray_equal_local_ones(local_ray, tmp_path):
+    """`sample --format parquet --executor ray`: one Ray task per shard, the same shards."""
+    import pyarrow.parquet as pq
+
+    from crystal_gpt.cli import main as cli_main
+
+    args = ["sample", "--skip-symmetry-check", "-n", "12", "--shard-size", "5", "--seed", "2"]
+    args += ["--format", "parquet"]
+    assert cli_main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert cli_main([*args, "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
+    for k in range(3):
+        name = f"part-{k:05d}.parquet"
+        assert pq.read_table(tmp_path / "ray" / name).equals(
+            pq.read_table(tmp_path / "local" / name)
+        )
+
+
 def test_executor_errors():
     with pytest.raises(ValueError, match="--executor"), use_executor("dask"):
         pass

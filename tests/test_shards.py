@@ -75,3 +75,36 @@ def test_bad_shard_requests(tmp_path, capsys):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="cannot read as crystal-gpt parquet"):
         load_structures(tmp_path / "junk.parquet")
+
+
+def test_a_failed_shard_stops_nothing_else(tmp_path):
+    """A shard whose draw fails is reported at the end; the others are written, and a resumed
+    run draws only the failed one."""
+    from pymatgen.core import Lattice, Structure
+
+    from crystal_gpt.data.codec import encode
+    from crystal_gpt.sampling.shards import write_shards
+
+    nacl = encode(
+        Structure.from_spacegroup(
+            "Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+        )
+    )
+    broken = {shard_seed(0, 1)}
+
+    def draw(count, seed):
+        if seed in broken:
+            raise RuntimeError("out of luck")
+        return [nacl] * count, {"total": [-1.0] * count}
+
+    kw = dict(shard_size=2, seed=0, settings={"model": "fake"}, workers=1, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"1 of 3 shards failed.*out of luck.*--resume"):
+        write_shards(draw, 6, tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == [
+        "part-00000.parquet",
+        "part-00002.parquet",
+    ]
+    broken.clear()  # (the draws run in forked workers: the parent's set is theirs at the fork)
+    done = write_shards(draw, 6, tmp_path, resume=True, **kw)
+    assert done["written"] == 2 and done["kept"] == 4
+    assert pq.read_table(tmp_path).column("loglik_total").to_pylist() == [-1.0] * 6

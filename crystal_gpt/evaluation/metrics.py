@@ -322,32 +322,47 @@ def default_matcher():
     return StructureMatcher()
 
 
-def unique_mask(structures: Sequence[Structure], matcher=None) -> np.ndarray:
+def unique_mask(
+    structures: Sequence[Structure], matcher=None, workers: int = 1, progress: bool = False
+) -> np.ndarray:
     """True for the first crystal of each class of ``StructureMatcher.group_structures``, run
     per reduced formula that occurs more than once (it reduces every crystal it is given up
     front: over the whole set 7.5 s against 0.17 s for 600 samples, where most formulas have
-    one member). A crystal the matcher cannot take (a degenerate cell) is a class of its own."""
+    one member). A crystal the matcher cannot take (a degenerate cell) is a class of its own.
+    ``workers`` > 1: formulas in parallel, on the executor (``utils.use_executor``)."""
     matcher = matcher or default_matcher()
     by_formula: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(structures):
         by_formula[s.composition.reduced_formula].append(i)
     keep = np.zeros(len(structures), dtype=bool)
-    for members in by_formula.values():
-        keep[_class_firsts(matcher, structures, members)] = True
+    buckets = [m for m in by_formula.values() if len(m) > 1]
+    keep[[m[0] for m in by_formula.values() if len(m) == 1]] = True
+    jobs = [(matcher, [structures[i] for i in m]) for m in buckets]
+    for members, firsts in zip(buckets, _map(_class_firsts, jobs, workers, progress), strict=True):
+        keep[[members[k] for k in firsts]] = True
     return keep
 
 
-def _class_firsts(matcher, structures: Sequence[Structure], members: list[int]) -> list[int]:
-    if len(members) == 1:
-        return members
+def _map(fn, jobs: list, workers: int, progress: bool) -> list:
+    if workers > 1 and len(jobs) > 1:
+        from crystal_gpt.utils import parallel_map
+
+        return parallel_map(fn, jobs, workers, len(jobs), "matching", progress)
+    return [fn(job) for job in jobs]
+
+
+def _class_firsts(job: tuple) -> list[int]:
+    """Positions of the first member of each class among crystals of one formula."""
+    matcher, structures = job
     try:
-        groups = matcher.group_structures([structures[i] for i in members])
+        groups = matcher.group_structures(structures)
     except Exception:  # a degenerate cell can make the matcher's reduction or search fail
-        fine = [i for i in members if _fits(matcher, structures[i], structures[i])]
-        if len(fine) == len(members):
-            return members  # some pair the matcher cannot compare: each its own class
-        return sorted(set(members) - set(fine)) + _class_firsts(matcher, structures, fine)
-    index = {id(structures[i]): i for i in members}
+        fine = [i for i, s in enumerate(structures) if _fits(matcher, s, s)]
+        if len(fine) == len(structures):
+            return list(range(len(structures)))  # some pair it cannot compare: each a class
+        rest = _class_firsts((matcher, [structures[i] for i in fine]))
+        return sorted(set(range(len(structures))) - set(fine)) + [fine[k] for k in rest]
+    index = {id(s): i for i, s in enumerate(structures)}
     return [index[id(group[0])] for group in groups]
 
 
@@ -362,16 +377,26 @@ def novel_mask(
     structures: Sequence[Structure],
     reference: Mapping[str, Sequence[Structure]],
     matcher=None,
+    workers: int = 1,
+    progress: bool = False,
 ) -> np.ndarray:
-    """True where no reference crystal of the same reduced formula matches."""
+    """True where no reference crystal of the same reduced formula matches (``workers`` as for
+    :func:`unique_mask`)."""
     matcher = matcher or default_matcher()
     out = np.ones(len(structures), dtype=bool)
-    for i, s in enumerate(structures):
-        for t in reference.get(s.composition.reduced_formula, ()):
-            if _fits(matcher, s, t):
-                out[i] = False
-                break
+    known = [i for i, s in enumerate(structures) if reference.get(s.composition.reduced_formula)]
+    jobs = [
+        (matcher, structures[i], reference[structures[i].composition.reduced_formula])
+        for i in known
+    ]
+    for i, seen in zip(known, _map(_matches_any, jobs, workers, progress), strict=True):
+        out[i] = not seen
     return out
+
+
+def _matches_any(job: tuple) -> bool:
+    matcher, s, references = job
+    return any(_fits(matcher, s, t) for t in references)
 
 
 def formula_counts(structures: Iterable[Structure]) -> Counter:

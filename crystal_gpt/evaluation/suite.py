@@ -298,10 +298,12 @@ def evaluate(
     if train_split:
         t = time.perf_counter()
         matcher = default_matcher()
-        unique = unique_mask(structures, matcher)
+        cores = workers or os.cpu_count() or 1
+        unique = unique_mask(structures, matcher, cores, progress)
         train = TrainingSet(dataset, train_split, limit=reference_limit, **kw)
         formulas = {s.composition.reduced_formula for s in structures}
-        novel = novel_mask(structures, train.structures_for(formulas), matcher)
+        references = train.structures_for(formulas)
+        novel = novel_mask(structures, references, matcher, cores, progress)
         un = dict(
             unique=_pct(unique.mean()),
             novel=_pct(novel.mean()),

@@ -8,7 +8,9 @@ interrupted run resumes at the first missing shard (each shard file appears only
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,14 @@ import numpy as np
 
 from crystal_gpt.data.codec import WyckoffCrystal, decode
 from crystal_gpt.sampling.output import summary_row, wyckoff_cif
-from crystal_gpt.utils import atomic_path, prepare_output_folder, rate
+from crystal_gpt.utils import (
+    JobFailure,
+    atomic_path,
+    executor_kind,
+    prepare_output_folder,
+    rate,
+    supervised_map,
+)
 
 SHARD_NAME = "part-{:05d}.parquet"
 SHARD_GLOB = "part-*.parquet"
@@ -67,7 +76,7 @@ def crystal_records(
     return rows
 
 
-def _settings_match(old: dict, new: dict) -> list[str]:
+def _differing_settings(old: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -80,11 +89,14 @@ def write_shards(
     seed: int,
     settings: dict[str, Any],
     resume: bool = False,
+    workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Draw ``n`` crystals into ``out_dir/part-00000.parquet`` ...; ``draw(count, seed)`` gives a
     shard's crystals and their log-likelihood parts. With ``resume``, shards already written by
-    a run with the same settings are kept. Returns counts and times."""
+    a run with the same settings are kept. Several shards are drawn at once, one per worker
+    (``workers``: default all cores) of the executor (``utils.use_executor``): ``draw`` should
+    then keep to one core. Returns counts and times."""
     pa, pq = _pyarrow()
     sizes = shard_sizes(n, shard_size)
     run = {"n": n, "shard_size": shard_size, "seed": seed, **settings}
@@ -92,7 +104,7 @@ def write_shards(
     run_file = out / RUN_FILE
     if resume and run_file.is_file():
         old = json.loads(run_file.read_text())
-        differ = _settings_match(old, run)
+        differ = _differing_settings(old, run)
         if differ:
             raise ValueError(
                 f"--resume: {out} holds a run with other settings ({', '.join(differ)}); "
@@ -103,28 +115,53 @@ def write_shards(
         with atomic_path(run_file) as tmp:
             tmp.write_text(json.dumps(run, indent=1, sort_keys=True))
     t0 = time.perf_counter()
-    done = skipped = 0
+    todo = []
+    skipped = 0
     for k, size in enumerate(sizes):
-        path = out / SHARD_NAME.format(k)
-        if path.is_file():
+        if (out / SHARD_NAME.format(k)).is_file():
             skipped += size
+        else:
+            todo.append((k, size, shard_seed(seed, k), k * shard_size))
+    done = 0
+    job = functools.partial(_shard_rows, draw)
+    if len(sizes) > 1 or executor_kind() == "ray":
+        # a shard per worker (one core each), written here as they come back; a run of one
+        # shard is drawn here, where the sampler's own check pool uses the cores. Decided by
+        # the run, not by the shards left: a resumed shard is drawn as the others were (one
+        # torch thread; more threads round differently)
+        finished = supervised_map(job, todo, min(workers or os.cpu_count() or 1, len(todo)))
+    else:
+        finished = ((i, job(item)) for i, item in enumerate(todo))
+    failed = []
+    for i, rows in finished:
+        k, size = todo[i][:2]
+        if isinstance(rows, JobFailure):
+            failed.append(f"shard {k}: {rows.reason}")
+            log(f"shard {k + 1}/{len(sizes)} failed: {rows.reason}")
             continue
-        crystals, loglik = draw(size, shard_seed(seed, k))
-        table = pa.Table.from_pylist(crystal_records(crystals, loglik, k * shard_size))
+        path = out / SHARD_NAME.format(k)
         with atomic_path(path, ".parquet") as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
         done += size
         dt = time.perf_counter() - t0
         log(
             f"shard {k + 1}/{len(sizes)}: {path.name} ({size} crystals); "
             f"{done + skipped}/{n} written, {rate(done, dt, ' crystals/s')}"
         )
-    return {
-        "shards": len(sizes),
-        "written": done,
-        "kept": skipped,
-        "seconds": time.perf_counter() - t0,
-    }
+    if failed:  # the others are written: a run with --resume draws only these again
+        raise ValueError(
+            f"{len(failed)} of {len(sizes)} shards failed ({'; '.join(failed[:3])}); "
+            "run the same command with --resume to draw them again"
+        )
+    dt = time.perf_counter() - t0
+    return {"shards": len(sizes), "written": done, "kept": skipped, "seconds": dt}
+
+
+def _shard_rows(draw: Callable, job: tuple[int, int, int, int]) -> list[dict[str, Any]]:
+    """One shard's rows: ``draw(count, seed)``, then its records numbered from ``start``."""
+    _, size, seed, start = job
+    crystals, loglik = draw(size, seed)
+    return crystal_records(crystals, loglik, start)
 
 
 def read_shard_structures(paths: list[Path]):
