@@ -142,6 +142,8 @@ def cmd_nll(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import time
 
+    import torch
+
     from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.sampling.output import prepare_sample_folder, write_samples
@@ -180,15 +182,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from crystal_gpt.sampling.shards import write_shards
 
         settings = {"model": str(args.model), **{k: str(v) for k, v in options.items()}}
+        # several shards at once, one per core, each checking its own symmetry; on a GPU all in
+        # this process (CUDA does not cross a fork, and the GPU is the parallelism)
+        on_gpu = torch.device(device).type != "cpu"
+        parallel = args.n > args.shard_size and not on_gpu
         done = write_shards(
-            # several shards at once, one per core: each checks its own symmetry
-            lambda n, seed: draw(n, seed, False, 0 if args.n > args.shard_size else None),
+            lambda n, seed: draw(n, seed, False, 0 if parallel else None),
             args.n,
             args.out,
             shard_size=args.shard_size,
             seed=0 if args.seed is None else args.seed,
             settings=settings,
             resume=args.resume,
+            workers=0 if on_gpu else None,
         )
         print(
             f"{args.n} crystals in {done['shards']} shards -> {args.out}/part-*.parquet "
@@ -593,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="cif",
         help="cif (default): a CIF per crystal, samples.extxyz and summary.csv; parquet: "
         "part-00000.parquet ... shards (one row per crystal: formula, group, Wyckoff sites, "
-        "lattice, atoms, CIF text, log-likelihood parts), one seed per shard, for large runs",
+        "lattice, atoms, CIF text, log-likelihood parts), one seed per shard (from --seed, 0 "
+        "if not given), for large runs",
     )
     sa.add_argument(
         "--shard-size", type=int, default=10000, help="crystals per parquet shard (default 10000)"

@@ -108,3 +108,21 @@ def test_a_failed_shard_stops_nothing_else(tmp_path):
     done = write_shards(draw, 6, tmp_path, resume=True, **kw)
     assert done["written"] == 2 and done["kept"] == 4
     assert pq.read_table(tmp_path).column("loglik_total").to_pylist() == [-1.0] * 6
+
+
+def test_workers_0_draws_every_shard_here(tmp_path):
+    """workers=0 (a model on a GPU, which cannot cross a fork): every shard in this process."""
+    from pymatgen.core import Lattice, Structure
+
+    from crystal_gpt.data.codec import encode
+    from crystal_gpt.sampling.shards import write_shards
+
+    cscl = encode(Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]))
+    seeds = []
+
+    def draw(count, seed):
+        seeds.append(seed)  # visible here only if drawn in this process
+        return [cscl] * count, {"total": [0.0] * count}
+
+    write_shards(draw, 5, tmp_path, shard_size=2, seed=3, settings={}, workers=0, log=print)
+    assert seeds == [shard_seed(3, k) for k in range(3)]

@@ -95,8 +95,9 @@ def write_shards(
     """Draw ``n`` crystals into ``out_dir/part-00000.parquet`` ...; ``draw(count, seed)`` gives a
     shard's crystals and their log-likelihood parts. With ``resume``, shards already written by
     a run with the same settings are kept. Several shards are drawn at once, one per worker
-    (``workers``: default all cores) of the executor (``utils.use_executor``): ``draw`` should
-    then keep to one core. Returns counts and times."""
+    (``workers``: default all cores; 0: all in this process, e.g. for a model on a GPU, which
+    cannot cross a fork) of the executor (``utils.use_executor``): ``draw`` should then keep to
+    one core. Returns counts and times."""
     pa, pq = _pyarrow()
     sizes = shard_sizes(n, shard_size)
     run = {"n": n, "shard_size": shard_size, "seed": seed, **settings}
@@ -124,7 +125,7 @@ def write_shards(
             todo.append((k, size, shard_seed(seed, k), k * shard_size))
     done = 0
     job = functools.partial(_shard_rows, draw)
-    if len(sizes) > 1 or executor_kind() == "ray":
+    if workers != 0 and (len(sizes) > 1 or executor_kind() == "ray"):
         # a shard per worker (one core each), written here as they come back; a run of one
         # shard is drawn here, where the sampler's own check pool uses the cores. Decided by
         # the run, not by the shards left: a resumed shard is drawn as the others were (one
