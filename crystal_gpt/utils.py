@@ -277,12 +277,12 @@ def _ray_session(workers: int):
     if not ray.is_initialized():
         address = _EXECUTOR["address"]
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address is None:
-            kwargs["num_cpus"] = max(1, workers)
+        if address is None:  # a new one even where `ray start` left a cluster running
+            address, kwargs["num_cpus"] = "local", max(1, workers)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            where = address or "a local Ray"
+            where = "a local Ray" if address == "local" else address
             raise ValueError(f"cannot start or reach {where}: {str(err).splitlines()[0]}") from None
     return ray
 
