@@ -157,14 +157,26 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _one_torch_thread() -> None:
+    """One torch thread per worker: the workers are the parallelism, and an OpenMP pool that
+    a parent had started does not survive a fork (its first parallel region would hang)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_job(fn: Callable, job: Any) -> tuple[bool, Any]:
+    """(True, fn(job)), or (False, the error as text): what a worker sends back."""
+    try:
+        return True, fn(job)
+    except Exception as err:
+        return False, f"{type(err).__name__}: {err}"[:500]
+
+
 def _serve(conn, fn: Callable) -> None:
     """Worker loop: one job at a time from the pipe, its result (or error) back."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if "torch" in sys.modules:
-        # one thread per worker: the workers are the parallelism, and an OpenMP pool that the
-        # parent had started does not survive a fork (its first parallel region would hang)
-        sys.modules["torch"].set_num_threads(1)
+    _one_torch_thread()
     while True:
         try:
             item = conn.recv()
@@ -172,10 +184,7 @@ def _serve(conn, fn: Callable) -> None:
             return
         if item is None:
             return
-        try:
-            conn.send((True, fn(item)))
-        except Exception as err:
-            conn.send((False, f"{type(err).__name__}: {err}"[:500]))
+        conn.send(_run_job(fn, item))
 
 
 def supervised_map(
@@ -288,13 +297,9 @@ def _ray_session(workers: int):
 
 
 def _ray_task(fn: Callable, job: Any) -> tuple[bool, Any]:
-    """One job on a Ray worker: its result, or its error as text (as :func:`_serve` sends)."""
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)  # one core per task, as Ray schedules it
-    try:
-        return True, fn(job)
-    except Exception as err:
-        return False, f"{type(err).__name__}: {err}"[:500]
+    """One job on a Ray worker (one core per task, as Ray schedules it), as :func:`_serve`."""
+    _one_torch_thread()
+    return _run_job(fn, job)
 
 
 def ray_map(
@@ -304,10 +309,12 @@ def ray_map(
     many tasks are in flight as the cluster has CPUs, so a task starts when it is submitted
     and its time limit counts its run; a task past the limit is cancelled (its worker killed),
     a task whose worker died fails alone, neither is retried."""
+    pending = deque(enumerate(jobs))
+    if not pending:
+        return  # no Ray started for nothing
     ray = _ray_session(workers)
     task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
     capacity = max(1, int(ray.cluster_resources().get("CPU", workers)))
-    pending = deque(enumerate(jobs))
     running: dict = {}  # object ref -> (index, submit time)
     try:
         while pending or running:

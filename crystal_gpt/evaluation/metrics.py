@@ -21,6 +21,7 @@ import numpy as np
 from pymatgen.core import Composition, Structure
 
 from crystal_gpt.data.chemistry import smact_2_2_1, smact_element
+from crystal_gpt.utils import parallel_map
 
 # COV cutoffs (structure fingerprint distance, standardised composition fingerprint distance),
 # from CDVAE's compute_metrics.py (keys there: mp20, carbon, perovskite).
@@ -338,17 +339,10 @@ def unique_mask(
     buckets = [m for m in by_formula.values() if len(m) > 1]
     keep[[m[0] for m in by_formula.values() if len(m) == 1]] = True
     jobs = [(matcher, [structures[i] for i in m]) for m in buckets]
-    for members, firsts in zip(buckets, _map(_class_firsts, jobs, workers, progress), strict=True):
+    firsts_of = parallel_map(_class_firsts, jobs, workers, len(jobs), "uniqueness", progress)
+    for members, firsts in zip(buckets, firsts_of, strict=True):
         keep[[members[k] for k in firsts]] = True
     return keep
-
-
-def _map(fn, jobs: list, workers: int, progress: bool) -> list:
-    if workers > 1 and len(jobs) > 1:
-        from crystal_gpt.utils import parallel_map
-
-        return parallel_map(fn, jobs, workers, len(jobs), "matching", progress)
-    return [fn(job) for job in jobs]
 
 
 def _class_firsts(job: tuple) -> list[int]:
@@ -389,7 +383,8 @@ def novel_mask(
         (matcher, structures[i], reference[structures[i].composition.reduced_formula])
         for i in known
     ]
-    for i, seen in zip(known, _map(_matches_any, jobs, workers, progress), strict=True):
+    seen_of = parallel_map(_matches_any, jobs, workers, len(jobs), "novelty", progress)
+    for i, seen in zip(known, seen_of, strict=True):
         out[i] = not seen
     return out
 

@@ -111,7 +111,7 @@ def _read_parquet(paths: list[Path], source: str) -> LoadedStructures:
     out = LoadedStructures([], [], source=source)
     for path in paths:
         try:
-            names, structures = read_shard_structures([path])
+            names, structures = read_shard_structures(path)
         except Exception as err:  # not parquet, or not our columns
             out.errors.append((str(path), "cannot read as crystal-gpt parquet: " + _short(err)))
             continue

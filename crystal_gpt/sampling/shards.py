@@ -165,18 +165,16 @@ def _shard_rows(draw: Callable, job: tuple[int, int, int, int]) -> list[dict[str
     return crystal_records(crystals, loglik, start)
 
 
-def read_shard_structures(paths: list[Path]):
-    """(names, Structures) from parquet shards, rebuilt exactly from the stored atoms."""
+def read_shard_structures(path: Path) -> tuple[list[str], list]:
+    """(names, Structures) of one parquet shard, rebuilt exactly from the stored atoms."""
     from pymatgen.core import Lattice, Structure
 
     _, pq = _pyarrow()
+    cols = ["index", "formula", "lattice_matrix", "species", "frac_coords"]
+    table = pq.read_table(path, columns=cols).to_pydict()
     names, structures = [], []
-    for path in paths:
-        cols = ["index", "formula", "lattice_matrix", "species", "frac_coords"]
-        table = pq.read_table(path, columns=cols).to_pydict()
-        for i, formula, m, species, frac in zip(*(table[c] for c in cols), strict=True):
-            lattice = Lattice(np.asarray(m, dtype=float).reshape(3, 3))
-            coords = np.asarray(frac, dtype=float).reshape(-1, 3)
-            structures.append(Structure(lattice, species, coords))
-            names.append(f"{path.name}#{i}_{formula}")
+    for i, formula, m, species, frac in zip(*(table[c] for c in cols), strict=True):
+        lattice = Lattice(np.asarray(m, dtype=float).reshape(3, 3))
+        structures.append(Structure(lattice, species, np.asarray(frac).reshape(-1, 3)))
+        names.append(f"{path.name}#{i}_{formula}")
     return names, structures
