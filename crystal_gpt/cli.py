@@ -15,7 +15,12 @@ from crystal_gpt import __version__
 from crystal_gpt.data.cache import cache_dir, encode_dataset
 from crystal_gpt.data.codec import DEFAULT_SYMPREC
 from crystal_gpt.data.datasets import DATASETS, DatasetError, available_files, protocol
-from crystal_gpt.data.statistics import dataset_statistics, print_statistics
+from crystal_gpt.data.statistics import (
+    dataset_statistics,
+    pressure_statistics,
+    print_pressure_statistics,
+    print_statistics,
+)
 from crystal_gpt.data.symmetry import get_tables
 from crystal_gpt.utils import prepare_output_folder, rate, use_executor
 
@@ -26,7 +31,7 @@ CSP_FILES = ("csp.json", "csp.csv", "csp.md")
 
 def cmd_data_info(args: argparse.Namespace) -> int:
     splits = args.split or (["train", "holdout", "test"] if args.dataset in DATASETS else ["file"])
-    if args.dataset in DATASETS:
+    if args.dataset in DATASETS and not args.json:  # --json prints only the JSON
         files = available_files(args.dataset, args.data_dir)
         proto = protocol(args.dataset, args.data_dir)
         print(f"dataset {args.dataset}: files {', '.join(sorted(files))}; protocol {proto['kind']}")
@@ -35,6 +40,11 @@ def cmd_data_info(args: argparse.Namespace) -> int:
                 f"  train/holdout pooled from {'+'.join(proto['train'])} with a fixed "
                 f"{100 * proto['holdout_fraction']:.0f}% hold-out (seed {proto['holdout_seed']}); "
                 "test = the published test split"
+            )
+        if proto["kind"] == "material":
+            print(
+                "  split by material (splits.csv.gz: 80/10/10%, holdout = val): every pressure "
+                "of a material is in one split; files sha256-checked against the published ones"
             )
     report = {}
     for split in splits:
@@ -48,6 +58,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         report[split] = dataset_statistics(ds)
+        if "pressure" in ds.properties:
+            report[split]["per_pressure"] = pressure_statistics(ds)
         if args.show_errors:
             for e in ds.errors:
                 print(f"  unreadable: {e}", file=sys.stderr)
@@ -55,7 +67,10 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         for split, st in report.items():
-            print_statistics(f"{args.dataset} / {split} (symprec {args.symprec}, {args.mode})", st)
+            title = f"{args.dataset} / {split} (symprec {args.symprec}, {args.mode})"
+            print_statistics(title, st)
+            if "per_pressure" in st:
+                print_pressure_statistics(title, st["per_pressure"])
     return 0
 
 
@@ -91,6 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if args.condition_columns:
+        names = [c.strip() for c in args.condition_columns.split(",") if c.strip()]
+        overrides.append(f"model.conditions={json.dumps(dict.fromkeys(names, 1))}")
     cfg = load_config(args.preset, args.config, overrides)
     result = train(
         cfg, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after
@@ -124,7 +142,10 @@ def cmd_nll(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = evaluate_nll(
-        model, PaddedCrystals(ds, model.config.max_sites), device=device, progress=not args.quiet
+        model,
+        PaddedCrystals(ds, model.config.max_sites, list(model.config.conditions)),
+        device=device,
+        progress=not args.quiet,
     )
     res.update(dataset=args.dataset, split=args.split, checkpoint=str(args.checkpoint))
     if args.json:
@@ -137,6 +158,23 @@ def cmd_nll(args: argparse.Namespace) -> int:
             f"({parts})"
         )
     return 0
+
+
+def _parse_conditions(items: list[str] | None) -> dict[str, float]:
+    """--condition band_gap=3.0 (repeatable) -> {"band_gap": 3.0}."""
+    out: dict[str, float] = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not eq or not name.strip() or not np.isfinite(number):
+            raise ValueError(f"--condition {item!r}: expected NAME=NUMBER, e.g. band_gap=3.0")
+        if name.strip() in out:
+            raise ValueError(f"--condition {name.strip()} given twice")
+        out[name.strip()] = number
+    return out
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -169,13 +207,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         min_distance=_parse_min_distance(args.min_distance),
         charge_balanced=args.charge_balanced,
+        conditions=_parse_conditions(args.condition),
+        guidance=args.guidance,
     )
 
     def draw(n: int, seed: int | None, progress: bool = True, check_workers: int | None = None):
         crystals = sample_crystals(
             model, n, seed=seed, progress=progress, check_workers=check_workers, **options
         )
-        lp = model.crystal_log_prob(crystals)
+        lp = model.crystal_log_prob(crystals, conditions=options["conditions"])
         return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
 
     if args.format == "parquet":
@@ -237,6 +277,64 @@ def _parse_min_distance(text: str) -> float | str:
     return value
 
 
+def _target_conditions(model, records) -> dict[str, np.ndarray] | None:
+    """A conditioned model's conditions for CSP: each target's own values (e.g. its pressure)."""
+    names = list(model.config.conditions)
+    if not names:
+        return None
+    out = {}
+    for name in names:
+        values = np.array([r.properties.get(name, np.nan) for r in records], dtype=float)
+        if not np.isfinite(values).all():
+            raise ValueError(
+                f"the model is conditioned on {name!r}, which not every target crystal of the "
+                "dataset has"
+            )
+        out[name] = values
+    return out
+
+
+def cmd_evaluate_pressure(args: argparse.Namespace) -> int:
+    from crystal_gpt.evaluation.pressure import evaluate_pressures
+    from crystal_gpt.model.checkpoints import load_model
+    from crystal_gpt.training import pick_device
+
+    pressures = _parse_numbers(args.pressures, "--pressures")
+    if args.n < 1:
+        raise ValueError("-n must be at least 1")
+    prepare_output_folder(args.out, ("pressure.json", "pressure.md", "pressure.csv", "*.png"))
+    model = load_model(args.model, pick_device(args.device))
+    result = evaluate_pressures(
+        model,
+        pressures,
+        args.n,
+        seed=args.seed,
+        out_dir=args.out,
+        novelty=not args.no_novelty,
+        workers=args.workers or 1,
+        description=f"model {args.model}; {args.n} samples per pressure (seed {args.seed} + "
+        "index of the pressure); reference: alex_pressure test split at each pressure; novelty "
+        "against the training materials at every pressure",
+        min_distance=_parse_min_distance(args.min_distance),
+        guidance=args.guidance,
+    )
+    print(result.markdown())
+    print(
+        f"{result.seconds:.0f} s -> {args.out}/pressure.md, pressure.json, volume_vs_pressure.png"
+    )
+    return 0
+
+
+def _parse_numbers(text: str, option: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected numbers separated by commas") from None
+    if not values or not all(np.isfinite(values)):
+        raise ValueError(f"{option} {text!r}: expected numbers separated by commas")
+    return values
+
+
 def cmd_evaluate_csp(args: argparse.Namespace) -> int:
     from crystal_gpt.data.datasets import load_dataset
     from crystal_gpt.evaluation.csp import evaluate_csp
@@ -249,7 +347,8 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     prepare_output_folder(args.out, CSP_FILES)  # a bad --out fails now, not after the run
     model = load_model(args.model, pick_device(args.device))
-    data = load_dataset(args.dataset, args.split)
+    pressures = None if args.pressure is None else [args.pressure]
+    data = load_dataset(args.dataset, args.split, pressures=pressures)
     records = list(data)
     if args.limit is not None and args.limit < len(records):
         pick = np.random.default_rng(args.subset_seed).choice(len(records), args.limit, False)
@@ -268,8 +367,10 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         workers=args.workers,
-        description=f"model {args.model}; {args.dataset} {args.split}, {subset}",
+        description=f"model {args.model}; {args.dataset} {args.split}"
+        f"{'' if pressures is None else f' at {args.pressure:g} GPa'}, {subset}",
         min_distance=_parse_min_distance(args.min_distance),
+        conditions=_target_conditions(model, records),
     )
     out = result.write(args.out)  # checked up front (prepare_output_folder)
     summary = result.summary()
@@ -528,6 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
     tr.add_argument("--threads", type=int, help="CPU threads for torch")
     tr.add_argument("--limit", type=int, help="use only the first N training crystals")
+    tr.add_argument(
+        "--condition-columns",
+        help="train a conditioned model on these numeric columns of the dataset, e.g. "
+        "band_gap,formation_energy_per_atom (missing values allowed; sample with --condition)",
+    )
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     tr.add_argument("--stop-after", type=int, help="stop this invocation after N epochs")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -579,6 +685,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="occupied Wyckoff positions, e.g. '4a 4b' (one --spacegroup; elements free)",
     )
     sa.add_argument(
+        "--condition",
+        action="append",
+        metavar="NAME=VALUE",
+        help="target property of a conditioned model, e.g. --condition band_gap=3.0 "
+        "--condition pressure=40 (repeatable; `crystal-gpt models` lists each model's)",
+    )
+    sa.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale toward --condition (default 1: the conditional "
+        "model; >1 pushes the group, letter and element choices further toward it)",
+    )
+    sa.add_argument(
         "--temperature",
         type=float,
         default=1.0,
@@ -613,6 +733,26 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_options(sa)
     sa.set_defaults(func=cmd_sample)
 
+    ep = sub.add_parser(
+        "evaluate-pressure",
+        help="a pressure-conditioned model's samples at several pressures vs alex_pressure's "
+        "test split: volume per atom, density, groups, validity, uniqueness, novelty, plot",
+    )
+    ep.add_argument("--model", default="alex_pressure", help="bundled name or checkpoint path")
+    ep.add_argument(
+        "--pressures", default="0,25,40,50,75,100,125,150", help="GPa, comma-separated; any "
+        "value in the training range (default 0,25,40,50,75,100,125,150)",
+    )  # fmt: skip
+    ep.add_argument("-n", type=int, default=500, help="samples per pressure (default 500)")
+    ep.add_argument("--seed", type=int, default=0, help="seed of the first pressure (default 0)")
+    ep.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    ep.add_argument("--min-distance", default="auto", help="the sampler's distance rule")
+    ep.add_argument("--no-novelty", action="store_true", help="skip matching against training")
+    ep.add_argument("--workers", type=int, help="processes for matching (default 1)")
+    ep.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    ep.add_argument("--out", default="pressure_eval", help="output folder")
+    ep.set_defaults(func=cmd_evaluate_pressure)
+
     cs = sub.add_parser(
         "evaluate-csp",
         help="structure prediction: sample k crystals per test composition, match rate @1/@k",
@@ -620,6 +760,12 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--model", default="mp_20", help="bundled model name or checkpoint path")
     cs.add_argument("--dataset", default="mp_20", help="targets' dataset (default mp_20)")
     cs.add_argument("--split", default="test", help="targets' split (default test)")
+    cs.add_argument(
+        "--pressure",
+        type=float,
+        help="alex_pressure: the targets at this pressure (GPa: 0, 25, ..., 150); a "
+        "pressure-conditioned model is given it with each composition",
+    )
     cs.add_argument("-k", type=int, default=20, help="samples per composition (default 20)")
     cs.add_argument("--limit", type=int, help="a random subset of this many test crystals")
     cs.add_argument("--subset-seed", type=int, default=0, help="seed of --limit's subset")

@@ -334,14 +334,16 @@ def train(
             )
     if cfg.limit:
         train_data = train_data.select(np.arange(min(cfg.limit, len(train_data))))
-    train_set = PaddedCrystals(train_data, cfg.model.max_sites)
-    val_set = PaddedCrystals(val_data, cfg.model.max_sites)
+    conditions = list(cfg.model.conditions)
+    train_set = PaddedCrystals(train_data, cfg.model.max_sites, conditions)
+    val_set = PaddedCrystals(val_data, cfg.model.max_sites, conditions)
 
     model = CrystalGPT(cfg.model).to(device)
     mean, std = lattice_statistics(train_set, per_atom=not cfg.model.lattice_first)
     model.lattice.mean.copy_(mean)
     model.lattice.std.copy_(std)
     model.set_training_range(train_data.species, train_set.g, train_set.num_atoms)
+    model.set_condition_stats(train_set.conditions)
     model.pair_min_distance.copy_(torch.as_tensor(training_pair_distances(train_set)))
     with torch.no_grad():
         model.g_prior.copy_(spacegroup_prior(train_set.g))

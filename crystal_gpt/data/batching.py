@@ -12,7 +12,12 @@ from crystal_gpt.data.cache import EncodedDataset
 class PaddedCrystals:
     """A whole encoded dataset as padded arrays, built once; a batch is a slice of rows."""
 
-    def __init__(self, ds: EncodedDataset, max_sites: int | None = None) -> None:
+    def __init__(
+        self,
+        ds: EncodedDataset,
+        max_sites: int | None = None,
+        conditions: list[str] | tuple[str, ...] = (),
+    ) -> None:
         n = ds.num_sites.astype(np.int64)
         if len(n) == 0:
             raise ValueError("the dataset is empty")
@@ -32,6 +37,8 @@ class PaddedCrystals:
         self.x[pos] = ds.coords
         self.lattice = ds.lattice.astype(np.float32)
         self.num_atoms = ds.num_atoms.astype(np.int64)
+        # condition columns (NaN: missing), in batches as "cond:<name>"
+        self.conditions = {name: condition_column(ds, name) for name in conditions}
 
     def __len__(self) -> int:
         return len(self.n)
@@ -47,7 +54,25 @@ class PaddedCrystals:
             "lattice": self.lattice[idx],
             "num_atoms": self.num_atoms[idx],
         }
+        for name, values in self.conditions.items():
+            arrays[f"cond:{name}"] = values[idx]
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+
+
+def condition_column(ds: EncodedDataset, name: str) -> np.ndarray:
+    """A numeric property column of the dataset as float32 (NaN where missing), or an error
+    naming the numeric columns there are."""
+    numeric = sorted(k for k, v in ds.properties.items() if v.dtype.kind in "fiub")
+    if name not in ds.properties or name not in numeric:
+        what = "not a numeric column" if name in ds.properties else "no such column"
+        raise ValueError(
+            f"condition {name!r}: {what} in the dataset; numeric columns: "
+            f"{', '.join(numeric) or 'none'}"
+        )
+    values = ds.properties[name].astype(np.float32)
+    if not np.isfinite(values).any():
+        raise ValueError(f"condition {name!r}: no crystal of the dataset has a value")
+    return values
 
 
 def bucketed_batches(

@@ -31,6 +31,7 @@ from crystal_gpt.data.datasets import (
     RowError,
     file_digest,
     file_split_rows,
+    keep_rows,
     parse_row,
     read_rows,
     split_sources,
@@ -301,6 +302,7 @@ def encode_dataset(
     data_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    pressures: Iterable[float] | None = None,
 ) -> EncodedDataset:
     """A dataset split (or a CSV path) in the Wyckoff representation, cached on disk (splits
     as ``load_dataset``'s: a path is the whole file unless ``train`` / ``holdout`` is asked)."""
@@ -315,12 +317,14 @@ def encode_dataset(
             raise DatasetError(f"unknown dataset {name!r}: not one of {known}, nor a CSV file")
         sources = [(path, file_split_rows(path, split))]
     else:
-        sources = split_sources(name, split, data_dir)
+        sources = split_sources(name, split, data_dir, pressures)
     parts = []
     for path, rows in sources:
         ds = encode_file(path, **kwargs)  # type: ignore[arg-type]
         if rows is not None:
-            ds = ds.select(np.nonzero(np.isin(ds.rows, rows))[0])
-            ds.errors = [e for e in ds.errors if e.row in set(rows.tolist())]
+            ds = ds.select(np.nonzero(keep_rows(ds.rows, ds.ids, rows))[0])
+            by_id = rows.dtype.kind in "US"
+            keep = set(rows.tolist())
+            ds.errors = [e for e in ds.errors if (e.id if by_id else e.row) in keep]
         parts.append(ds)
     return EncodedDataset.concatenate(parts)

@@ -201,9 +201,11 @@ def evaluate_csp(
     progress: bool = True,
     description: str = "",
     min_distance: float | str | None = "auto",
+    conditions: dict[str, np.ndarray] | None = None,
 ) -> CSPResult:
     """Sample k structures per target composition and match them against the target
-    (``min_distance``: the sampler's distance rule)."""
+    (``min_distance``: the sampler's distance rule; ``conditions``: name -> one value per
+    target, e.g. its pressure, given to a conditioned model with the composition)."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.utils import parallel_map
@@ -219,6 +221,10 @@ def evaluate_csp(
     t1 = time.perf_counter()
     todo = [i for i in range(len(targets)) if feasible[i]]
     rows = [comps[i] for i in todo for _ in range(k)]
+    asked = {
+        name: np.repeat(np.asarray(v, dtype=float)[todo], k)
+        for name, v in (conditions or {}).items()
+    }
     crystals = sample_crystals(
         model,
         len(rows),
@@ -230,6 +236,7 @@ def evaluate_csp(
         progress=progress,
         min_distance=min_distance,
         give_up=True,  # a composition the model cannot place counts as unmatched
+        conditions=asked or None,
     )
     generated: list[Structure | None] = []
     for c in crystals:

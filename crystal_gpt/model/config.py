@@ -19,7 +19,12 @@ class ModelConfig:
     max_sites: int = 64
     flow_transforms: int = 3
     flow_hidden: int = 128
-    conditions: dict[str, int] = field(default_factory=dict)  # name -> input dimension
+    # scalar or vector conditions (property columns, pressure): name -> input dimension; each
+    # is standardised with the training data's mean and std (``CrystalGPT.condition_stats``)
+    conditions: dict[str, int] = field(default_factory=dict)
+    # training only: each condition of a crystal is hidden with this probability, so one model
+    # learns P(crystal | y) and P(crystal) (classifier-free guidance needs both)
+    condition_dropout: float = 0.1
     # P(crystal | composition): the structure-prediction (CSP) variant; the composition is read
     # off each training crystal, and sampling needs one (``composition=``)
     condition_on_composition: bool = False
@@ -41,9 +46,10 @@ class ModelConfig:
                 "max_sites", "flow_transforms", "flow_hidden")  # fmt: skip
         for name in ints:
             check_number(f"model.{name}", getattr(self, name), 1, int)
-        check_number("model.dropout", self.dropout, 0.0, float)
-        if self.dropout >= 1:
-            raise ValueError(f"setting model.dropout={self.dropout!r} must be below 1")
+        for name in ("dropout", "condition_dropout"):
+            check_number(f"model.{name}", getattr(self, name), 0.0, float)
+            if getattr(self, name) >= 1:
+                raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be below 1")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} must be a multiple of model.n_heads={self.n_heads}"
@@ -57,6 +63,11 @@ class ModelConfig:
             for k, v in conditions.items()
         ):
             raise ValueError(f"setting model.conditions={conditions!r} must map names to sizes")
+        for name in conditions:
+            if not name.isidentifier():
+                raise ValueError(
+                    f"condition name {name!r} must be a plain name (letters, digits, _)"
+                )
 
 
 def check_number(name: str, value, low: float, kind: type) -> None:

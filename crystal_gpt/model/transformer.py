@@ -14,8 +14,12 @@ The lattice is a conditional normalizing flow over the crystal system's free par
 token (lattice last) or token 0 (lattice first).
 
 Conditions: every condition is an encoder mapping its value to a d_model vector; their sum
-enters token 0 and the space-group prior. Today the only built-in is the space group itself
-(through the sequence); ``ModelConfig.conditions`` names extra ones (``cond_encoders``).
+enters token 0 and the space-group prior, so every later choice sees it. ``ModelConfig.
+conditions`` names scalar (or vector) ones, e.g. a band gap or the pressure: standardised by the
+training data's mean and std, a learnt "absent" vector standing in for a missing value (NaN, not
+given) or, in training, for a value hidden by ``condition_dropout``; the composition of the CSP
+variant is one more encoder. A model trained with dropout is both P(crystal | y) and P(crystal),
+and classifier-free guidance (``guided``) mixes the two for the discrete choices.
 Building blocks (tables as tensors, attention block, features) live in ``model.layers``.
 """
 
@@ -61,6 +65,12 @@ _RENAMED = {
 }
 
 
+def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance of logits: log p(.|y)^s p(.)^(1-s), renormalised by the caller's
+    softmax; scale 1 is the conditional model, 0 the unconditional one."""
+    return uncond + scale * (cond - uncond)
+
+
 def _present_name(key: str) -> str:
     module, dot, rest = key.partition(".")
     return _RENAMED.get(module, module) + dot + rest
@@ -87,6 +97,24 @@ class SiteStep:
     ctx: Tensor  # (B, d) what the element and coordinate heads saw
 
 
+def per_crystal_conditions(conditions: dict | None, n: int) -> dict[str, np.ndarray]:
+    """name -> one value, or one per crystal -> name -> (n,) float array, checked."""
+    out = {}
+    for name, value in (conditions or {}).items():
+        v = np.asarray(value, dtype=float).reshape(-1)
+        if len(v) == 1:
+            v = np.full(n, v[0])
+        if len(v) != n:
+            raise ValueError(f"condition {name}: {len(v)} values given for {n} crystals")
+        out[name] = v
+    return out
+
+
+def unknown_condition_message(asked: list[str], known: list[str]) -> str:
+    knows = ", ".join(known) if known else "none (it samples unconditionally only)"
+    return f"this model was not trained on condition(s) {', '.join(asked)}; it knows: {knows}"
+
+
 class CrystalGPT(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -98,6 +126,12 @@ class CrystalGPT(nn.Module):
         conditioned = bool(c.conditions) or c.condition_on_composition
         self.g_prior_cond = nn.Linear(d, 231) if conditioned else None
         self.cond_encoders = nn.ModuleDict({k: mlp(n, d, d) for k, n in c.conditions.items()})
+        # one learnt vector per condition for "not given" (missing, dropped, unconditional)
+        self.cond_absent = nn.Parameter(torch.zeros(len(c.conditions), d))
+        # mean and std of each condition in the training data (set by training)
+        self.register_buffer(
+            "condition_stats", torch.tensor([[0.0, 1.0]] * len(c.conditions)).reshape(-1, 2)
+        )
         self.comp_encoder = mlp(COMPOSITION_DIM, d, d) if c.condition_on_composition else None
         self.emb_g = nn.Embedding(231, d)
         self.emb_gw = nn.Embedding(231 * L1, d)
@@ -141,7 +175,12 @@ class CrystalGPT(nn.Module):
         their present names."""
         state = {_present_name(k): v for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = set(missing) - {"seen_elements", "atoms_range", "pair_min_distance"}
+        missing = set(missing) - {
+            "seen_elements",
+            "atoms_range",
+            "pair_min_distance",
+            *(() if self.config.conditions else ("cond_absent", "condition_stats")),
+        }
         if missing or unexpected:
             raise RuntimeError(
                 f"checkpoint does not fit the model: missing {sorted(missing)}, "
@@ -164,18 +203,40 @@ class CrystalGPT(nn.Module):
 
     def condition_vector(
         self,
-        g: Tensor,
-        conditions: dict[str, Tensor] | None,
+        g: Tensor | None,
+        conditions: dict[str, Tensor | float] | None,
         composition: Tensor | None = None,
+        size: int | None = None,
     ) -> Tensor | None:
-        """Sum of the condition encodings; ``composition`` (B, 119) counts per primitive cell."""
-        if not self.config.conditions and not self.config.condition_on_composition:
-            return None
+        """Sum of the condition encodings (B, d); ``composition`` (B, 119) counts per primitive
+        cell. A condition not given, or NaN, is absent (the model's unconditional part); in
+        training each is also hidden with probability ``condition_dropout``."""
+        c = self.config
         conditions = conditions or {}
-        missing = set(self.config.conditions) - set(conditions)
-        if missing:
-            raise ValueError(f"model needs conditions {sorted(missing)}")
-        out = sum(enc(conditions[k].float()) for k, enc in self.cond_encoders.items())
+        unknown = set(conditions) - set(c.conditions)
+        if unknown:
+            raise ValueError(unknown_condition_message(sorted(unknown), list(c.conditions)))
+        if not c.conditions and not c.condition_on_composition:
+            return None
+        B = next(
+            (len(t) for t in (g, composition) if t is not None),
+            size if size is not None else 1,
+        )
+        device = self.cond_absent.device
+        out = torch.zeros(B, c.d_model, device=device)
+        for i, (name, enc) in enumerate(self.cond_encoders.items()):
+            dim = c.conditions[name]
+            value = conditions.get(name)
+            v = torch.full((B, dim), float("nan"), device=device)
+            if value is not None:
+                v = torch.as_tensor(value, dtype=torch.float32, device=device)
+                v = v.reshape(-1, dim).expand(B, dim) if v.numel() == dim else v.reshape(B, dim)
+            present = torch.isfinite(v).all(-1)
+            if self.training and c.condition_dropout > 0:
+                present = present & (torch.rand(B, device=device) >= c.condition_dropout)
+            mean, std = self.condition_stats[i]
+            z = (torch.nan_to_num(v) - mean) / std
+            out = out + torch.where(present.unsqueeze(-1), enc(z), self.cond_absent[i])
         if self.comp_encoder is not None:
             if composition is None:
                 raise ValueError(
@@ -184,6 +245,15 @@ class CrystalGPT(nn.Module):
                 )
             out = out + self.comp_encoder(composition_features(composition))
         return out
+
+    def set_condition_stats(self, values: dict[str, np.ndarray]) -> None:
+        """Standardise each condition by its training values (NaN = missing, ignored)."""
+        for i, name in enumerate(self.config.conditions):
+            v = np.asarray(values[name], dtype=float)
+            v = v[np.isfinite(v)]
+            mean = float(v.mean()) if len(v) else 0.0
+            std = float(v.std()) if len(v) > 1 else 1.0
+            self.condition_stats[i] = torch.tensor([mean, std if std > 1e-8 else 1.0])
 
     def composition_counts(self, g: Tensor, w: Tensor, a: Tensor, n: Tensor) -> Tensor:
         """Atoms per primitive cell of each element (B, 119), read off the site sequence."""
@@ -243,10 +313,14 @@ class CrystalGPT(nn.Module):
         return self.ln_f(h)
 
     # ---------------------------------------------------------------- per-part terms
-    def g_logits(self, cond: Tensor | None) -> Tensor:
+    def g_logits(self, cond: Tensor | None, guide: tuple[Tensor, float] | None = None) -> Tensor:
+        """Logits of P(g | conditions); ``guide`` = (the unconditional condition vector, scale)."""
         if cond is None or self.g_prior_cond is None:
             return self.g_prior
-        return self.g_prior + self.g_prior_cond(cond)
+        logits = self.g_prior + self.g_prior_cond(cond)
+        if guide is not None:
+            logits = guided(logits, self.g_prior + self.g_prior_cond(guide[0]), guide[1])
+        return logits
 
     def g_logprob(self, g: Tensor, cond: Tensor | None) -> Tensor:
         logits = self.g_logits(cond)
@@ -254,9 +328,20 @@ class CrystalGPT(nn.Module):
         lp = F.log_softmax(logits, dim=-1)
         return lp.gather(-1, g.unsqueeze(-1)).squeeze(-1) if lp.dim() > 1 else lp[g]
 
-    def w_logits(self, h: Tensor, g: Tensor, prev_w: Tensor, first: Tensor) -> Tensor:
+    def w_logits(
+        self,
+        h: Tensor,
+        g: Tensor,
+        prev_w: Tensor,
+        first: Tensor,
+        guide: tuple[Tensor, float] | None = None,
+    ) -> Tensor:
+        """Masked letter logits; ``guide`` = (the unconditional stream's h, scale)."""
         mask = self.sym.letter_mask(g, prev_w, first)
-        return self.head_w(h).masked_fill(~mask, float("-inf"))
+        logits = self.head_w(h)
+        if guide is not None:
+            logits = guided(logits, self.head_w(guide[0]), guide[1])
+        return logits.masked_fill(~mask, float("-inf"))
 
     def x_params(self, ctx: Tensor, a: Tensor, x_prev: Tensor, j: int) -> Tensor:
         """Mixture parameters of coordinate j given the site context and coordinates < j."""
@@ -281,6 +366,7 @@ class CrystalGPT(nn.Module):
         allowed: Tensor | None = None,
         draw: Drawer | None = None,
         lattice: Tensor | None = None,
+        guide: tuple[Tensor, float] | None = None,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -289,20 +375,19 @@ class CrystalGPT(nn.Module):
         vector is projected onto the Wyckoff position after each draw, so every head sees the
         exact earlier coordinates (fixed and tied ones included), as in training.
         ``lattice``: the lattice embedding (lattice first), given to the heads directly.
+        ``guide`` = (the unconditional stream's h, scale): guided element logits (sampling).
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
-        ctx = h + self.emb_chosen_letter(self._gw_index(g, w))
-        if lattice is not None:
-            ctx = ctx + lattice
+        ctx = self._site_context(h, g, w, lattice)
         z = torch.arange(NUM_ELEMENTS, device=h.device)
         floor = torch.where(first, 0, lowest_next_element(w, prev_w, prev_a))
         legal = (z > 0) & (z >= floor.unsqueeze(-1))
         if allowed is not None:
             legal = legal & allowed
-        a_logits = self.head_a(ctx)
-        if self.emb_elem_feat is not None:  # similar elements get similar scores
-            chem = self.emb_elem_feat(self.element_table)  # (119, d)
-            a_logits = a_logits + self.head_a_feat(ctx) @ chem.T / chem.shape[1] ** 0.5
+        a_logits = self._element_logits(ctx)
+        if guide is not None:
+            uncond = self._element_logits(self._site_context(guide[0], g, w, lattice))
+            a_logits = guided(a_logits, uncond, guide[1])
         a_logits = a_logits.masked_fill(~legal, float("-inf"))
         if a is None:
             if draw is None:
@@ -311,6 +396,17 @@ class CrystalGPT(nn.Module):
         lp_a = F.log_softmax(a_logits, -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
         x, lp_x, params = self.coordinates(ctx, g, w, a, x, draw)
         return SiteStep(a, x, lp_a, lp_x, a_logits, params, ctx)
+
+    def _site_context(self, h: Tensor, g: Tensor, w: Tensor, lattice: Tensor | None) -> Tensor:
+        ctx = h + self.emb_chosen_letter(self._gw_index(g, w))
+        return ctx if lattice is None else ctx + lattice
+
+    def _element_logits(self, ctx: Tensor) -> Tensor:
+        a_logits = self.head_a(ctx)
+        if self.emb_elem_feat is not None:  # similar elements get similar scores
+            chem = self.emb_elem_feat(self.element_table)  # (119, d)
+            a_logits = a_logits + self.head_a_feat(ctx) @ chem.T / chem.shape[1] ** 0.5
+        return a_logits
 
     def coordinates(
         self,
@@ -366,9 +462,12 @@ class CrystalGPT(nn.Module):
         ``w_logits`` (B, T+1, L+1), and per real site in (crystal, site) order ``a_logits``,
         ``x_params`` (3 heads) and ``site_crystal``; ``lattice_noise``: the lattice mapped
         through its flow to the base distribution (standard normal under the model).
+        ``conditions``: name -> values (B,) (NaN: absent); by default the batch's ``cond:`` keys.
         """
         g, w, a, x = batch["g"], batch["w"], batch["a"], batch["x"]
         n = batch["n"]
+        if conditions is None:  # condition columns travel in the batch ("cond:<name>")
+            conditions = {k[5:]: v for k, v in batch.items() if k.startswith("cond:")}
         B, T = w.shape  # T = max sites; position k >= n is padding
         pad = self.sym.pad
         comp = None
@@ -442,18 +541,27 @@ class CrystalGPT(nn.Module):
 
     @torch.no_grad()
     def log_prob(
-        self, structures: list, symprec: float = 0.01, batch_size: int = 256
+        self,
+        structures: list,
+        symprec: float = 0.01,
+        batch_size: int = 256,
+        conditions: dict | None = None,
     ) -> dict[str, Tensor]:
         """Exact log-likelihood (nats) of pymatgen Structures, per crystal: total and per part.
 
         Each structure is encoded (Wyckoff representation, ``symprec``) and scored in its
         canonical site order; ``per_atom`` divides by the atoms of the conventional cell.
+        ``conditions``: name -> a value or one per structure (a conditioned model's
+        log P(crystal | y); without them log P(crystal), its unconditional part).
         """
         from crystal_gpt.data.codec import encode
 
-        return self.crystal_log_prob([encode(s, symprec) for s in structures], batch_size)
+        crystals = [encode(s, symprec) for s in structures]
+        return self.crystal_log_prob(crystals, batch_size, conditions)
 
-    def crystal_log_prob(self, crystals: list, batch_size: int = 256) -> dict[str, Tensor]:
+    def crystal_log_prob(
+        self, crystals: list, batch_size: int = 256, conditions: dict | None = None
+    ) -> dict[str, Tensor]:
         """:meth:`log_prob` of WyckoffCrystals (already encoded, e.g. the sampler's)."""
         from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
         from crystal_gpt.data.cache import EncodedDataset
@@ -465,8 +573,9 @@ class CrystalGPT(nn.Module):
         keys = (*PARTS, "total")
         out = {k: torch.zeros(len(data)) for k in keys}
         with torch.no_grad():
+            values = per_crystal_conditions(conditions, len(data))
             for idx in bucketed_batches(data.n, batch_size):
-                res = self(data.batch(idx, device))
+                res = self(data.batch(idx, device), {k: v[idx] for k, v in values.items()})
                 for k in keys:
                     out[k][torch.as_tensor(idx)] = res[k].float().cpu()
         self.train(was_training)
@@ -496,6 +605,8 @@ class CrystalGPT(nn.Module):
         wyckoff_template=None,
         chemsys=None,
         allow_unseen: bool = False,
+        conditions: dict | None = None,
+        guidance: float = 1.0,
     ) -> list:
         """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
         group (a number, a symbol such as 'Fm-3m', a crystal system, or a list of these);
@@ -503,7 +614,8 @@ class CrystalGPT(nn.Module):
         ``composition`` (e.g. 'Li4Fe4P4O16', per primitive cell), ``num_atoms`` (N or (low,
         high)) and ``wyckoff_template`` ('4a 4b') are met exactly; ``chemsys`` ('Li-Fe-P-O')
         gives exactly those elements, all present; ``allow_unseen`` lifts the default
-        restriction to the training data's elements and sizes (see
+        restriction to the training data's elements and sizes; ``conditions`` (e.g.
+        ``{"band_gap": 3.0}``) and ``guidance`` steer a conditioned model (see
         ``sampling.sample_crystals``, which gives the WyckoffCrystals)."""
         from crystal_gpt.data.codec import decode
         from crystal_gpt.sampling.sampler import sample_crystals
@@ -523,6 +635,8 @@ class CrystalGPT(nn.Module):
             wyckoff_template=wyckoff_template,
             chemsys=chemsys,
             allow_unseen=allow_unseen,
+            conditions=conditions,
+            guidance=guidance,
         )
         return [decode(c) for c in crystals]
 

@@ -130,6 +130,8 @@ def summary_row(
         "density": round(_density(s), 4),
         "cif": f"cif/crystal_{i:05d}.cif",
     }
+    for key, value in wc.meta.get("conditions", {}).items():  # the target asked for
+        row[f"condition_{key}"] = value
     for key, value in (loglik or {}).items():
         row[f"loglik_{key}"] = round(float(value), 4)
     return row
@@ -158,7 +160,8 @@ def write_samples(
         at.info.update(spacegroup=wc.spacegroup, formula=row["formula"])
         atoms.append(at)
     ase_write(out / "samples.extxyz", atoms, format="extxyz")
-    fields = list(SUMMARY_FIELDS) + [f"loglik_{k}" for k in (loglik or {})]
+    asked = sorted({f"condition_{k}" for wc in crystals for k in wc.meta.get("conditions", {})})
+    fields = list(SUMMARY_FIELDS) + asked + [f"loglik_{k}" for k in (loglik or {})]
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

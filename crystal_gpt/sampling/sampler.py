@@ -205,6 +205,8 @@ def sample_crystals(
     progress: bool = False,
     check_workers: int | None = None,
     give_up: bool = False,
+    conditions: dict | None = None,
+    guidance: float = 1.0,
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
     ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``temperature`` and
@@ -241,6 +243,12 @@ def sample_crystals(
     ``give_up=True``: a crystal still unacceptable after ``max_redraws`` draws is None in the
     result instead of an error for the whole run (benchmarks that must go on, e.g. CSP).
 
+    ``conditions``: name -> a target value, or one per crystal (e.g. ``{"band_gap": 3.0}``,
+    ``{"pressure": 40}``), for a model trained with them (``ModelConfig.conditions``); without
+    them a conditioned model samples unconditionally. ``guidance``: classifier-free guidance
+    scale for the discrete choices (group, letters, elements): 1 samples P(crystal | y), above 1
+    pushes further toward y, 0 ignores it; coordinates and the lattice follow P(. | y).
+
     ``check_workers``: processes for the symmetry check (default: one fewer than the cores, for
     runs of at least ``_POOL_MIN`` crystals; 0 = in this process); the samples do not depend
     on it."""
@@ -259,6 +267,7 @@ def sample_crystals(
             "this model predicts structures for a given composition: pass composition="
             " (CLI: --composition)"
         )
+    cond_values = _condition_values(model, conditions, guidance, n)
     required = None
     if chemsys is not None:
         if elements is not None or composition is not None:
@@ -353,6 +362,8 @@ def sample_crystals(
             if reason is None:
                 crystal.meta["redraws"] = int(redraws[i])
                 crystal.meta["site_redraws"] = int(placed[i])
+                if cond_values:
+                    crystal.meta["conditions"] = {k: float(v[i]) for k, v in cond_values.items()}
                 result[i] = crystal
                 done += 1
                 continue
@@ -385,6 +396,7 @@ def sample_crystals(
                 if pending:
                     idx = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
                     todo = [rows[i] for i in idx]
+                    asked = {k: v[idx] for k, v in cond_values.items()}
                     batch, dead, moved = _sample_batch(
                         model,
                         len(todo),
@@ -399,6 +411,8 @@ def sample_crystals(
                         thresholds,
                         max_site_tries,
                         charge_atoms,
+                        asked,
+                        guidance,
                     )
                     drawn = (idx, batch, dead, moved, checker.submit(batch, dead))
                 if in_flight is not None:
@@ -411,6 +425,35 @@ def sample_crystals(
             if bar is not None:
                 bar.close()
     return result  # type: ignore[return-value]
+
+
+def _condition_values(model, conditions, guidance, n: int) -> dict[str, np.ndarray]:
+    """The asked conditions per crystal, checked against what the model was trained on."""
+    from crystal_gpt.model.transformer import per_crystal_conditions, unknown_condition_message
+
+    known = list(model.config.conditions)
+    conditions = dict(conditions or {})
+    unknown = sorted(set(conditions) - set(known))
+    if unknown:
+        raise ValueError(unknown_condition_message(unknown, known))
+    try:
+        values = per_crystal_conditions(conditions, n)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"conditions must be numbers (one, or one per crystal): {err}") from None
+    for name, v in values.items():
+        if not np.isfinite(v).all():
+            raise ValueError(f"condition {name} must be a finite number")
+    g = guidance
+    if not (isinstance(g, int | float) and not isinstance(g, bool) and np.isfinite(g) and g >= 0):
+        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+    if g != 1 and not values:
+        raise ValueError("guidance needs a condition to guide toward (conditions= / --condition)")
+    if g != 1 and model.config.condition_dropout <= 0:
+        raise ValueError(
+            "this model was trained without condition dropout, so it has no unconditional part "
+            "to guide against: use guidance 1"
+        )
+    return values
 
 
 def parse_chemsys(chemsys: str | Iterable[str]) -> list[str]:
@@ -617,11 +660,15 @@ def _sample_batch(
     thresholds: Tensor | None = None,
     max_site_tries: int = 20,
     charge_atoms: int | None = None,
+    conditions: dict[str, np.ndarray] | None = None,
+    guidance: float = 1.0,
 ) -> _BatchResult:
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it;
     ``required``: elements every crystal must contain (the end is masked until they are);
     ``thresholds``: the distance rule's (119, 119) closest approaches (None: no rule);
-    ``charge_atoms``: charge balance with this many atoms per primitive cell at most."""
+    ``charge_atoms``: charge balance with this many atoms per primitive cell at most;
+    ``conditions``: name -> value per crystal; ``guidance`` != 1 runs a second, unconditional
+    stream through the transformer beside the conditional one (``model.transformer.guided``)."""
     sym = model.sym
     drawer = _Drawer(shaping, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
@@ -633,10 +680,11 @@ def _sample_batch(
             allowed_g[i, groups] = True
             for z, c in planner.request.composition or ():
                 counts[i, z] = c
-    cond = None
-    if getattr(model.config, "condition_on_composition", False):
-        cond = model.condition_vector(None, None, counts)
-    g_logits = model.g_logits(cond).expand(B, -1).masked_fill(~allowed_g, float("-inf"))
+    cond = model.condition_vector(None, conditions, counts, size=B)
+    guide = guidance != 1 and bool(conditions)
+    cond_u = model.condition_vector(None, None, counts, size=B) if guide else None
+    g_logits = model.g_logits(cond, (cond_u, guidance) if guide else None)
+    g_logits = g_logits.expand(B, -1).masked_fill(~allowed_g, float("-inf"))
     g = _sample_logits(g_logits.cpu(), shaping, gen).to(device)
     masks = None
     if plans is not None:
@@ -644,16 +692,21 @@ def _sample_batch(
     charge = None if charge_atoms is None else ChargeBalance(g, allowed_a, charge_atoms)
 
     start = model.start_token(g, cond)
+    start_u = model.start_token(g, cond_u) if guide else None
     lattice = lat_emb = placement = None
     if model.config.lattice_first:  # P(L | g): drawn before any atom, seen by every site
         lattice = _draw_lattice(model, model.first_lattice_context(start, g), g, None)
         lat_emb = model.lattice_embedding(lattice)
         start = start + lat_emb.unsqueeze(1)
+        if guide:
+            start_u = start_u + lat_emb.unsqueeze(1)
         if thresholds is not None:
             placement = Placement(lattice, thresholds)
     caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
     tokens = [start]  # only used without the cache
     h = model.backbone(start, caches, offset=0)[:, -1]  # token 0: group, conditions (lattice)
+    # the unconditional stream of classifier-free guidance: same sites, its own keys/values
+    uncond = _Stream(model, start_u, use_cache) if guide else None
     max_sites = model.config.max_sites
     # Finished crystals leave the batch, so the long tail of a few big crystals costs only
     # their own rows; ``rows`` maps the active rows to the batch's crystals.
@@ -671,7 +724,7 @@ def _sample_batch(
     for k in range(max_sites + 1):
         n = len(rows)
         first = torch.full((n,), k == 0, device=device)
-        w_logits = model.w_logits(h, g, prev_w, first)
+        w_logits = model.w_logits(h, g, prev_w, first, uncond and (uncond.h, guidance))
         if k == max_sites:  # no room for another site: end
             w_logits = torch.where(
                 torch.arange(w_logits.shape[-1], device=device) == sym.pad, 0.0, float("-inf")
@@ -705,6 +758,8 @@ def _sample_batch(
             for c in caches or ():
                 c["k"], c["v"] = c["k"][keep], c["v"][keep]
             tokens = [t[keep] for t in tokens]
+            if uncond is not None:
+                uncond.keep(keep)
             if masks is not None:
                 masks.keep(keep.tolist())
             if placement is not None:
@@ -717,7 +772,16 @@ def _sample_batch(
                 allowed, charge.elements(w), w, prev_w, prev_a, first, dead, rows
             )
         step = model.site_content(
-            h, g, w, prev_w, prev_a, first, allowed=allowed, draw=drawer, lattice=lat_emb
+            h,
+            g,
+            w,
+            prev_w,
+            prev_a,
+            first,
+            allowed=allowed,
+            draw=drawer,
+            lattice=lat_emb,
+            guide=uncond and (uncond.h, guidance),
         )
         a, x = step.a, step.x
         if placement is not None:
@@ -738,6 +802,8 @@ def _sample_batch(
         else:  # the reference: re-run the whole prefix for every new token
             tokens.append(emb)
             h = model.backbone(torch.cat(tokens, dim=1))[:, -1]
+        if uncond is not None:
+            uncond.advance(emb, k + 1)
         prev_w, prev_a = w, a
 
     sites_w, sites_a, sites_x = list(W[:steps]), list(A[:steps]), list(X[:steps])
@@ -753,6 +819,30 @@ def _sample_batch(
             )
     crystals = _to_crystals(g_all, sites_w, sites_a, sites_x, lattice, sym.pad)
     return _BatchResult(crystals, dead.cpu().tolist(), site_redraws.cpu().tolist())
+
+
+class _Stream:
+    """A second pass through the transformer over the same sites from another token 0 (the
+    unconditional one of guidance): its own key/value cache, compacted with the batch."""
+
+    def __init__(self, model, start: Tensor, use_cache: bool) -> None:
+        self.model = model
+        self.caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
+        self.tokens = [start]
+        self.h = model.backbone(start, self.caches, offset=0)[:, -1]
+
+    def keep(self, keep: Tensor) -> None:
+        self.h = self.h[keep]
+        self.tokens = [t[keep] for t in self.tokens] if self.caches is None else []
+        for c in self.caches or ():
+            c["k"], c["v"] = c["k"][keep], c["v"][keep]
+
+    def advance(self, emb: Tensor, offset: int) -> None:
+        if self.caches is not None:
+            self.h = self.model.backbone(emb, self.caches, offset=offset)[:, -1]
+        else:
+            self.tokens.append(emb)
+            self.h = self.model.backbone(torch.cat(self.tokens, dim=1))[:, -1]
 
 
 def _with_charge(allowed, balanced, w, prev_w, prev_a, first, dead, rows) -> Tensor:
