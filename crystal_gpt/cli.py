@@ -211,10 +211,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
 
+    steering = _steering(args)
+
     def draw(n: int, seed: int | None, progress: bool = True, check_workers: int | None = None):
-        crystals = sample_crystals(
-            model, n, seed=seed, progress=progress, check_workers=check_workers, **options
-        )
+        if steering is not None:
+            from crystal_gpt.sampling.steering import steer
+
+            predictor, target = steering
+            crystals, record = steer(
+                model, predictor, n, target, width=args.steer_width,
+                oversample=args.oversample, seed=seed, progress=progress,
+                check_workers=check_workers, **options,
+            )  # fmt: skip
+            print(
+                f"steered toward {record['property']} = {target:g} (width {args.steer_width:g}):"
+                f" {record['pool']} drawn, effective sample size "
+                f"{record['effective_sample_size']:.0f}; mean prediction "
+                f"{record['pool_mean_prediction']:.3f} -> {record['kept_mean_prediction']:.3f}",
+                file=sys.stderr,
+            )
+        else:
+            crystals = sample_crystals(
+                model, n, seed=seed, progress=progress, check_workers=check_workers, **options
+            )
         lp = model.crystal_log_prob(crystals, conditions=options["conditions"])
         return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
 
@@ -263,6 +282,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steering(args: argparse.Namespace):
+    """--steer NAME=VALUE --predictor P -> (the predictor, the target), or None."""
+    if args.steer is None:
+        if args.predictor is not None:
+            raise ValueError("--predictor is used with --steer NAME=VALUE")
+        return None
+    from crystal_gpt.model.predictor import load_predictor
+
+    ((name, target),) = _parse_conditions([args.steer]).items()
+    predictor = load_predictor(args.predictor or f"mp_20_{name}")
+    if predictor.config.target != name:
+        raise ValueError(
+            f"--steer {name}: the predictor predicts {predictor.config.target!r}, not {name!r}"
+        )
+    return predictor, target
+
+
 def _parse_min_distance(text: str) -> float | str:
     if text == "auto":
         return text
@@ -292,6 +328,63 @@ def _target_conditions(model, records) -> dict[str, np.ndarray] | None:
             )
         out[name] = values
     return out
+
+
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    from crystal_gpt.model.predictor import PredictorConfig, train_predictor
+
+    config = PredictorConfig(target=args.target)
+    for key in ("d_model", "n_layers", "dropout"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    config.validate()
+    summary = train_predictor(
+        args.dataset, args.target, args.out, config=config, epochs=args.epochs,
+        patience=args.patience, seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"{args.target} predictor: test MAE {summary['test_mae']:.4f} on "
+        f"{summary['test_crystals']} {args.dataset} test crystals (predicting the training "
+        f"median: {summary['test_mae_of_the_training_median']:.4f}); best epoch "
+        f"{summary['best_epoch']} -> {args.out}/best.pt"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from crystal_gpt.data.codec import encode
+    from crystal_gpt.evaluation.readers import load_structures
+    from crystal_gpt.model.predictor import load_predictor
+
+    predictor = load_predictor(args.predictor)
+    loaded = load_structures(args.samples, progress=False)
+    for name, why in loaded.errors:
+        print(f"{name}: unreadable ({why}); skipped", file=sys.stderr)
+    crystals, kept = [], []
+    for name, s in zip(loaded.names, loaded.structures, strict=True):
+        try:
+            crystals.append(encode(s))
+            kept.append(name)
+        except Exception as err:  # an unencodable file is named, not fatal
+            print(f"{name}: cannot encode ({err}); skipped", file=sys.stderr)
+    values = predictor.predict_crystals(crystals) if crystals else np.zeros(0)
+    target = predictor.config.target
+    order = np.arange(len(values))
+    if args.target is not None:
+        order = np.argsort(np.abs(values - args.target), kind="stable")
+    rows = [{"name": kept[i], f"predicted_{target}": round(float(values[i]), 4)} for i in order]
+    out = Path(args.out)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", f"predicted_{target}"])
+        w.writeheader()
+        w.writerows(rows)
+    ranked = "ranked by distance to " + f"{args.target:g}" if args.target is not None else ""
+    print(f"{len(rows)} predictions of {target} {ranked} -> {out}")
+    for r in rows[: args.show]:
+        print(f"  {r['name']}: {r[f'predicted_{target}']}")
+    return 0
 
 
 def cmd_evaluate_pressure(args: argparse.Namespace) -> int:
@@ -532,6 +625,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"{meta.get('test_nll', float('nan')):.3f} nats/crystal, "
             f"{meta.get('test_nll_per_atom', float('nan')):.3f} nats/atom"
             + (f" ({meta['note']})" if meta.get("note") else "")
+            + (f"; conditions: {', '.join(meta['conditions'])}" if meta.get("conditions") else "")
         )
     return 0
 
@@ -699,6 +793,21 @@ def build_parser() -> argparse.ArgumentParser:
         "model; >1 pushes the group, letter and element choices further toward it)",
     )
     sa.add_argument(
+        "--steer",
+        metavar="NAME=VALUE",
+        help="steer toward a property by a predictor (importance resampling), e.g. "
+        "--steer band_gap=3.0; for properties the model was not trained on",
+    )
+    sa.add_argument(
+        "--predictor", help="predictor name or file for --steer (default: mp_20_<NAME>)"
+    )
+    sa.add_argument(
+        "--steer-width", type=float, default=0.5, help="Gaussian width of --steer (default 0.5)"
+    )
+    sa.add_argument(
+        "--oversample", type=int, default=8, help="crystals drawn per kept one (default 8)"
+    )
+    sa.add_argument(
         "--temperature",
         type=float,
         default=1.0,
@@ -732,6 +841,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _executor_options(sa)
     sa.set_defaults(func=cmd_sample)
+
+    tp = sub.add_parser(
+        "train-predictor",
+        help="train a property predictor on the Wyckoff representation (ranking, --steer)",
+    )
+    tp.add_argument("--dataset", default="mp_20", help="dataset name or CSV (default mp_20)")
+    tp.add_argument("--target", required=True, help="numeric column, e.g. band_gap")
+    tp.add_argument("--out", required=True, help="run folder (best.pt, summary.json)")
+    tp.add_argument("--epochs", type=int, default=60, help="at most this many (default 60)")
+    tp.add_argument("--patience", type=int, default=10, help="early stopping (default 10)")
+    tp.add_argument("--d-model", type=int, help="width (default 128)")
+    tp.add_argument("--n-layers", type=int, help="transformer layers (default 3)")
+    tp.add_argument("--dropout", type=float, help="dropout (default 0.1)")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--quiet", action="store_true", help="no progress output")
+    tp.set_defaults(func=cmd_train_predictor)
+
+    pr = sub.add_parser("predict", help="predict a property for generated crystals, ranked")
+    pr.add_argument("samples", help="sample folder, CIF/extxyz file, or parquet shards")
+    pr.add_argument("--predictor", default="mp_20_band_gap", help="bundled name or file")
+    pr.add_argument("--target", type=float, help="rank by distance to this value")
+    pr.add_argument("--out", default="predictions.csv", help="CSV (default predictions.csv)")
+    pr.add_argument("--show", type=int, default=10, help="print the first N (default 10)")
+    pr.set_defaults(func=cmd_predict)
 
     ep = sub.add_parser(
         "evaluate-pressure",

@@ -63,7 +63,7 @@ def test_a_condition_changes_the_likelihood_and_absent_is_nan(cond_model, carbon
 
 def test_condition_dropout_hides_conditions_in_training_only(cond_model, carbon):
     m = copy.deepcopy(cond_model)
-    m.config.condition_dropout = 0.999999
+    m.config.condition_dropout, m.config.condition_dropout_all = 0.999999, 0.0
     batch = PaddedCrystals(carbon).batch(np.arange(20))
     m.train()
     m.config.dropout = 0.0
@@ -176,7 +176,7 @@ def test_condition_errors_are_named(cond_model, model):
     with pytest.raises(ValueError, match="finite"):
         sample_crystals(cond_model, 2, conditions={"y": float("inf")})
     nodrop = copy.deepcopy(cond_model)
-    nodrop.config.condition_dropout = 0.0
+    nodrop.config.condition_dropout = nodrop.config.condition_dropout_all = 0.0
     with pytest.raises(ValueError, match="without condition dropout"):
         sample_crystals(nodrop, 2, conditions={"y": 1.0}, guidance=2.0)
 

@@ -165,7 +165,11 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     if "pair_min_distance" not in state:  # a run from before the distance rule
         pairs = training_pair_distances(PaddedCrystals(train))
         state["pair_min_distance"] = torch.as_tensor(pairs, dtype=torch.float32)
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    # float16, except the condition statistics (a mean of -154 would lose 0.1 in float16)
+    weights = {
+        k: v.half() if v.is_floating_point() and k != "condition_stats" else v
+        for k, v in state.items()
+    }
     model = CrystalGPT(ModelConfig(**cfg["model"]))
     meta = {
         "dataset": cfg["dataset"],
@@ -176,6 +180,7 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
         "best_epoch": ck["state"]["best_epoch"],
         "holdout_nll": ck["val"]["nll_total"],
         "parameters": model.num_parameters(),
+        "conditions": list(cfg["model"].get("conditions") or {}),
         **(extra or {}),
     }
     out = _models_dir() / f"{name}.pt"

@@ -22,9 +22,11 @@ class ModelConfig:
     # scalar or vector conditions (property columns, pressure): name -> input dimension; each
     # is standardised with the training data's mean and std (``CrystalGPT.condition_stats``)
     conditions: dict[str, int] = field(default_factory=dict)
-    # training only: each condition of a crystal is hidden with this probability, so one model
-    # learns P(crystal | y) and P(crystal) (classifier-free guidance needs both)
+    # training only: each condition of a crystal is hidden with this probability, and all of
+    # them together with ``condition_dropout_all``, so one model learns P(crystal | y), P(crystal
+    # | some of y) and P(crystal) (classifier-free guidance needs the unconditional part)
     condition_dropout: float = 0.1
+    condition_dropout_all: float = 0.1
     # P(crystal | composition): the structure-prediction (CSP) variant; the composition is read
     # off each training crystal, and sampling needs one (``composition=``)
     condition_on_composition: bool = False
@@ -46,7 +48,7 @@ class ModelConfig:
                 "max_sites", "flow_transforms", "flow_hidden")  # fmt: skip
         for name in ints:
             check_number(f"model.{name}", getattr(self, name), 1, int)
-        for name in ("dropout", "condition_dropout"):
+        for name in ("dropout", "condition_dropout", "condition_dropout_all"):
             check_number(f"model.{name}", getattr(self, name), 0.0, float)
             if getattr(self, name) >= 1:
                 raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be below 1")

@@ -49,6 +49,18 @@ class SymmetryTensors(nn.Module):
         points = torch.tensor([1.0] + [float(lattice_points(g)) for g in range(1, 231)])
         self.register_buffer("lattice_points", points, False)
 
+    def site_features(self, g: Tensor, w: Tensor) -> Tensor:
+        """What a Wyckoff position is, for embeddings (..., 5): log multiplicity, degrees of
+        freedom, which coordinates are free."""
+        return torch.cat(
+            [
+                torch.log(self.multiplicity[g, w].clamp(min=1)).unsqueeze(-1),
+                self.dof[g, w].float().unsqueeze(-1),
+                self.free_mask[g, w].float(),
+            ],
+            dim=-1,
+        )
+
     def project(self, g: Tensor, w: Tensor, x: Tensor) -> Tensor:
         """Coordinates (B, 3) onto Wyckoff positions (g, w) through their first operation."""
         return torch.remainder(onto_position(self.proj_rot[g, w], self.proj_trans[g, w], x), 1.0)

@@ -210,7 +210,8 @@ class CrystalGPT(nn.Module):
     ) -> Tensor | None:
         """Sum of the condition encodings (B, d); ``composition`` (B, 119) counts per primitive
         cell. A condition not given, or NaN, is absent (the model's unconditional part); in
-        training each is also hidden with probability ``condition_dropout``."""
+        training each is also hidden with probability ``condition_dropout``, and all together
+        with ``condition_dropout_all``."""
         c = self.config
         conditions = conditions or {}
         unknown = set(conditions) - set(c.conditions)
@@ -224,6 +225,9 @@ class CrystalGPT(nn.Module):
         )
         device = self.cond_absent.device
         out = torch.zeros(B, c.d_model, device=device)
+        dropping = self.training and (c.condition_dropout > 0 or c.condition_dropout_all > 0)
+        if dropping:
+            drop_all = torch.rand(B, device=device) < c.condition_dropout_all
         for i, (name, enc) in enumerate(self.cond_encoders.items()):
             dim = c.conditions[name]
             value = conditions.get(name)
@@ -232,8 +236,9 @@ class CrystalGPT(nn.Module):
                 v = torch.as_tensor(value, dtype=torch.float32, device=device)
                 v = v.reshape(-1, dim).expand(B, dim) if v.numel() == dim else v.reshape(B, dim)
             present = torch.isfinite(v).all(-1)
-            if self.training and c.condition_dropout > 0:
-                present = present & (torch.rand(B, device=device) >= c.condition_dropout)
+            if dropping:
+                dropped = drop_all | (torch.rand(B, device=device) < c.condition_dropout)
+                present = present & ~dropped
             mean, std = self.condition_stats[i]
             z = (torch.nan_to_num(v) - mean) / std
             out = out + torch.where(present.unsqueeze(-1), enc(z), self.cond_absent[i])
@@ -268,14 +273,7 @@ class CrystalGPT(nn.Module):
     def embed_sites(self, g: Tensor, w: Tensor, a: Tensor, x: Tensor) -> Tensor:
         """Embedding of sites (B, n) -> (B, n, d)."""
         gb = g.unsqueeze(-1).expand_as(w)
-        feats = torch.cat(
-            [
-                torch.log(self.sym.multiplicity[gb, w].clamp(min=1)).unsqueeze(-1),
-                self.sym.dof[gb, w].float().unsqueeze(-1),
-                self.sym.free_mask[gb, w].float(),
-            ],
-            dim=-1,
-        )
+        feats = self.sym.site_features(gb, w)
         return (
             self.emb_gw(self._gw_index(gb, w))
             + self.emb_letter(w)

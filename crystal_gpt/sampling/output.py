@@ -132,6 +132,8 @@ def summary_row(
     }
     for key, value in wc.meta.get("conditions", {}).items():  # the target asked for
         row[f"condition_{key}"] = value
+    for key, value in wc.meta.get("predicted", {}).items():  # a predictor's value (steering)
+        row[f"predicted_{key}"] = round(float(value), 4)
     for key, value in (loglik or {}).items():
         row[f"loglik_{key}"] = round(float(value), 4)
     return row
@@ -160,7 +162,10 @@ def write_samples(
         at.info.update(spacegroup=wc.spacegroup, formula=row["formula"])
         atoms.append(at)
     ase_write(out / "samples.extxyz", atoms, format="extxyz")
-    asked = sorted({f"condition_{k}" for wc in crystals for k in wc.meta.get("conditions", {})})
+    asked = sorted(
+        {f"{kind}_{k}" for wc in crystals for kind in ("condition", "predicted")
+         for k in wc.meta.get("conditions" if kind == "condition" else kind, {})}
+    )  # fmt: skip
     fields = list(SUMMARY_FIELDS) + asked + [f"loglik_{k}" for k in (loglik or {})]
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

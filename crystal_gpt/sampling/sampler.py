@@ -448,7 +448,7 @@ def _condition_values(model, conditions, guidance, n: int) -> dict[str, np.ndarr
         raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
     if g != 1 and not values:
         raise ValueError("guidance needs a condition to guide toward (conditions= / --condition)")
-    if g != 1 and model.config.condition_dropout <= 0:
+    if g != 1 and max(model.config.condition_dropout, model.config.condition_dropout_all) <= 0:
         raise ValueError(
             "this model was trained without condition dropout, so it has no unconditional part "
             "to guide against: use guidance 1"

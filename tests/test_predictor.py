@@ -1,0 +1,92 @@
+"""The property predictor, ranking, and steering by importance resampling."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from crystal_gpt import encode_dataset
+from crystal_gpt.cli import main as cli_main
+from crystal_gpt.data.cache import EncodedDataset
+from crystal_gpt.model.predictor import PredictorConfig, load_predictor, train_predictor
+from crystal_gpt.sampling.steering import resample_indices, steer
+
+TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
+
+
+@pytest.fixture(scope="module")
+def predictor_run(tmp_path_factory):
+    """A tiny predictor of a property that the representation determines exactly (the
+    number of atoms in the cell), so that learning is checkable in seconds."""
+    ds = encode_dataset("carbon_24", "holdout", workers=1, progress=False)
+    ds = EncodedDataset(**{**ds.__dict__, "properties": {"atoms": ds.num_atoms.astype(float)}})
+    out = tmp_path_factory.mktemp("pred")
+    summary = train_predictor(
+        "carbon_24", "atoms", out, config=PredictorConfig(**TINY), epochs=40, patience=40,
+        train_data=ds.select(np.arange(70)), val_data=ds.select(np.arange(70, 86)),
+        test_data=ds.select(np.arange(86, 102)), progress=False, lr=3e-3, batch_size=16,
+    )  # fmt: skip
+    return out, summary
+
+
+def test_the_predictor_learns_and_reloads_weights_only(predictor_run):
+    out, summary = predictor_run
+    assert summary["test_mae"] < 0.5 * summary["test_mae_of_the_training_median"]
+    p = load_predictor(out / "best.pt")
+    assert p.config.target == "atoms" and p.meta["test_mae"] == pytest.approx(summary["test_mae"])
+    (out / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable crystal-gpt predictor"):
+        load_predictor(out / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="no predictor"):
+        load_predictor("no_such_predictor")
+
+
+def test_resampling_draws_in_proportion_to_the_weights():
+    rng = np.random.default_rng(0)
+    pred = np.array([0.0, 1.0, 2.0])
+    w = np.exp(-0.5 * ((pred - 1.0) / 0.8) ** 2)
+    counts = np.zeros(3)
+    for _ in range(4000):
+        idx, _ = resample_indices(pred, 1.0, 0.8, 1, rng)
+        counts[idx] += 1
+    np.testing.assert_allclose(counts / counts.sum(), w / w.sum(), atol=0.03)
+    # a wide Gaussian keeps the pool as it is; a narrow one keeps the nearest
+    pool = np.linspace(0, 10, 101)
+    wide, ess = resample_indices(pool, 5.0, 1e6, 101, rng)
+    assert len(wide) == 101 and ess == pytest.approx(101, rel=1e-6)
+    near, _ = resample_indices(pool, 5.0, 1e-3, 3, rng)
+    np.testing.assert_allclose(pool[near], [4.9, 5.0, 5.1])
+    with pytest.raises(ValueError, match="width"):
+        resample_indices(pool, 5.0, 0.0, 3, rng)
+
+
+def test_steering_moves_the_samples_toward_the_target(model, predictor_run):
+    out, _ = predictor_run
+    p = load_predictor(out / "best.pt")
+    torch.manual_seed(0)
+    kept, record = steer(model, p, 20, 4.0, width=0.5, oversample=6, seed=0, symprec=None)
+    assert len(kept) == 20 and record["pool"] == 120
+    assert abs(record["kept_mean_prediction"] - 4.0) < abs(record["pool_mean_prediction"] - 4.0)
+    assert all("atoms" in c.meta["predicted"] for c in kept)
+
+
+def test_cli_steer_and_predict(tmp_path, predictor_run):
+    out, _ = predictor_run
+    s = tmp_path / "s"
+    code = cli_main(["sample", "-n", "5", "--model", "carbon_24", "--seed", "0", "--steer",
+                     "atoms=8", "--predictor", str(out / "best.pt"), "--oversample", "3",
+                     "--out", str(s)])  # fmt: skip
+    assert code == 0
+    header = (s / "summary.csv").read_text().splitlines()[0]
+    assert "predicted_atoms" in header
+    code = cli_main(["predict", str(s), "--predictor", str(out / "best.pt"), "--target", "8",
+                     "--out", str(tmp_path / "p.csv")])  # fmt: skip
+    assert code == 0
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    dist = [abs(float(r["predicted_atoms"]) - 8) for r in rows]
+    assert len(rows) == 5 and dist == sorted(dist)
+    bad = ["sample", "-n", "2", "--model", "carbon_24", "--out", str(tmp_path / "x")]
+    assert cli_main([*bad, "--predictor", str(out / "best.pt")]) == 2
+    assert cli_main([*bad, "--steer", "band_gap=1", "--predictor", str(out / "best.pt")]) == 2
