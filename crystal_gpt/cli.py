@@ -387,6 +387,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_conditions(args: argparse.Namespace) -> int:
+    from crystal_gpt.evaluation.conditioning import evaluate_conditioning
+    from crystal_gpt.model.checkpoints import load_model
+    from crystal_gpt.training import pick_device
+
+    targets = _parse_numbers(args.targets, "--targets")
+    scales = _parse_numbers(args.guidance, "--guidance")
+    if args.n < 1:
+        raise ValueError("-n must be at least 1")
+    prepare_output_folder(args.out, ("conditioning.json", "conditioning.md", "*.csv", "*.png"))
+    model = load_model(args.model, pick_device(args.device))
+    predictor = None
+    if args.predictor or args.property not in ("formation_energy_per_atom", "e_above_hull"):
+        from crystal_gpt.model.predictor import load_predictor
+
+        predictor = load_predictor(args.predictor or f"mp_20_{args.property}")
+    result = evaluate_conditioning(
+        model,
+        args.property,
+        targets,
+        args.n,
+        guidance=scales,
+        baseline=not args.no_baseline,
+        predictor=predictor,
+        relax_steps=args.relax_steps,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        workers=args.workers or 1,
+        description=f"model {args.model}; {args.n} samples per row (seed {args.seed} + row "
+        "index); novelty against the mp_20 training crystals",
+        out_dir=args.out,
+        min_distance=_parse_min_distance(args.min_distance),
+    )
+    print(result.markdown())
+    print(f"{result.seconds:.0f} s -> {args.out}/conditioning.md, target_vs_achieved.png")
+    return 0
+
+
 def cmd_evaluate_pressure(args: argparse.Namespace) -> int:
     from crystal_gpt.evaluation.pressure import evaluate_pressures
     from crystal_gpt.model.checkpoints import load_model
@@ -865,6 +903,35 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="predictions.csv", help="CSV (default predictions.csv)")
     pr.add_argument("--show", type=int, default=10, help="print the first N (default 10)")
     pr.set_defaults(func=cmd_predict)
+
+    ec = sub.add_parser(
+        "evaluate-conditions",
+        help="sample a conditioned model at a grid of targets and measure what the samples "
+        "achieve (CHGNet or a predictor) against the targets and unconditional samples",
+    )
+    ec.add_argument("--model", default="mp_20", help="bundled name or checkpoint path")
+    ec.add_argument(
+        "--property", required=True, help="a condition of the model, e.g. band_gap, "
+        "formation_energy_per_atom (CHGNet), e_above_hull (CHGNet, relaxed)",
+    )  # fmt: skip
+    ec.add_argument("--targets", required=True, help="comma-separated, e.g. 0,1.5,3,5")
+    ec.add_argument("-n", type=int, default=500, help="samples per target (default 500)")
+    ec.add_argument(
+        "--guidance", default="1", help="guidance scale(s), comma-separated (default 1)"
+    )
+    ec.add_argument("--predictor", help="predictor for the property (default mp_20_<property>)")
+    ec.add_argument(
+        "--relax-steps", type=int, default=0, help="CHGNet relaxation steps before the "
+        "energy (default 0: the generated geometry; e_above_hull needs > 0)",
+    )  # fmt: skip
+    ec.add_argument("--tolerance", type=float, help="hit = within this of the target")
+    ec.add_argument("--no-baseline", action="store_true", help="skip the unconditional row")
+    ec.add_argument("--min-distance", default="auto", help="the sampler's distance rule")
+    ec.add_argument("--seed", type=int, default=0)
+    ec.add_argument("--workers", type=int, help="processes for CHGNet and matching")
+    ec.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    ec.add_argument("--out", default="conditioning_eval", help="output folder")
+    ec.set_defaults(func=cmd_evaluate_conditions)
 
     ep = sub.add_parser(
         "evaluate-pressure",

@@ -207,14 +207,11 @@ class PressureResult:
         plt.close(fig)
 
 
-def training_structures(progress: bool = False) -> dict[str, list[Structure]]:
-    """The training materials at every pressure, by reduced formula (novelty's reference)."""
-    from crystal_gpt.data.datasets import load_dataset
+def training_structures(formulas: set[str], progress: bool = False) -> dict[str, list]:
+    """The training materials at every pressure with these reduced formulas (novelty)."""
+    from crystal_gpt.evaluation.references import TrainingSet
 
-    ref: dict[str, list[Structure]] = {}
-    for r in load_dataset(PRESSURE_DATASET, "train"):
-        ref.setdefault(r.structure.composition.reduced_formula, []).append(r.structure)
-    return ref
+    return TrainingSet(PRESSURE_DATASET, "train", progress=progress).structures_for(formulas)
 
 
 def evaluate_pressures(
@@ -242,7 +239,6 @@ def evaluate_pressures(
         raise ValueError(f"the model is not conditioned on pressure (its conditions: {known})")
     t0 = time.perf_counter()
     ref = PressureReference.from_split("test", progress=progress)
-    training = training_structures(progress) if novelty else None
     rows, per_crystal = [], []
     for j, p in enumerate(pressures):
         crystals = sample_crystals(
@@ -261,6 +257,10 @@ def evaluate_pressures(
             except Exception:  # an undecodable lattice counts as a failed sample
                 structures.append(None)
         groups = [0 if c is None else c.spacegroup for c in crystals]
+        training = None
+        if novelty:
+            formulas = {s.composition.reduced_formula for s in structures if s is not None}
+            training = training_structures(formulas, progress)
         rows.append(pressure_metrics(structures, groups, float(p), ref, training, workers))
         for i, (c, s) in enumerate(zip(crystals, structures, strict=True)):
             if s is not None:

@@ -367,6 +367,27 @@ class ReferenceHull:
             )
         return out
 
+    def formation_energy(self, items: Sequence[tuple[Any, float]]) -> np.ndarray:
+        """Formation energy (eV/atom) of ``(structure | composition | formula,
+        energy_per_atom)`` pairs against this hull's elemental references (the lowest energy
+        per atom of each element's entries: the same potential); NaN without a reference."""
+        mu = {
+            next(iter(system)): min(e.energy_per_atom for e in entries)
+            for system, entries in self._by_system.items()
+            if len(system) == 1
+        }
+        out = np.full(len(items), np.nan)
+        for i, (what, e_atom) in enumerate(items):
+            comp = what.composition if isinstance(what, Structure) else Composition(what)
+            comp = comp.element_composition
+            if not math.isfinite(float(e_atom)) or comp.num_atoms == 0:
+                continue
+            if any(el.symbol not in mu for el in comp.elements):
+                continue
+            ref = sum(mu[el.symbol] * comp.get_atomic_fraction(el) for el in comp.elements)
+            out[i] = float(e_atom) - ref
+        return out
+
     def summary(self) -> str:
         m = self.meta
         lines = [
