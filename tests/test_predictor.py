@@ -90,3 +90,53 @@ def test_cli_steer_and_predict(tmp_path, predictor_run):
     bad = ["sample", "-n", "2", "--model", "carbon_24", "--out", str(tmp_path / "x")]
     assert cli_main([*bad, "--predictor", str(out / "best.pt")]) == 2
     assert cli_main([*bad, "--steer", "band_gap=1", "--predictor", str(out / "best.pt")]) == 2
+
+
+def test_evaluate_conditioning_with_a_predictor_and_with_chgnet(predictor_run, tmp_path):
+    """The evaluation runs end to end on tiny untrained conditioned models: rows per target
+    plus the unconditional one, the files and the plot; CHGNet formation energies (single
+    points against the shipped mp_20 hull's elemental references) for the CHGNet path."""
+    from crystal_gpt.evaluation.conditioning import evaluate_conditioning
+    from crystal_gpt.model.transformer import CrystalGPT
+    from crystal_gpt.training import load_config
+
+    out, _ = predictor_run
+    p = load_predictor(out / "best.pt")
+    torch.manual_seed(0)
+    m = CrystalGPT(load_config("tiny", overrides=['model.conditions={"atoms": 1}']).model).eval()
+    m.load_weights(load_model_state("carbon_24", m))
+    res = evaluate_conditioning(
+        m, "atoms", [4.0, 8.0], 8, guidance=[1.0, 2.0], predictor=p, training_dataset=None,
+        progress=False, out_dir=tmp_path / "c", symprec=None,
+    )  # fmt: skip
+    assert [(r["target"], r["guidance"]) for r in res.rows] == [
+        (None, 1.0), (4.0, 1.0), (8.0, 1.0), (4.0, 2.0), (8.0, 2.0)
+    ]  # fmt: skip
+    assert all(np.isfinite(r["mean"]) for r in res.rows)
+    for name in ("conditioning.md", "conditioning.json", "target_vs_achieved.png"):
+        assert (tmp_path / "c" / name).exists()
+    assert "closer" in (tmp_path / "c" / "conditioning.md").read_text()
+    with pytest.raises(ValueError, match="not conditioned on 'band_gap'"):
+        evaluate_conditioning(m, "band_gap", [1.0], 2, predictor=p)
+    pytest.importorskip("chgnet")
+    cfg = load_config("tiny", overrides=['model.conditions={"formation_energy_per_atom": 1}'])
+    f = CrystalGPT(cfg.model).eval()
+    f.load_weights(load_model_state("carbon_24", f))
+    res = evaluate_conditioning(
+        f, "formation_energy_per_atom", [-1.0], 3, training_dataset=None, progress=False,
+        symprec=None, min_distance="auto",
+    )  # fmt: skip
+    assert "elemental references" in res.how
+    assert res.rows[1]["measured"] >= 1 and np.isfinite(res.rows[1]["mean"])
+
+
+def load_model_state(name, into):
+    """The lattice statistics and training range of a bundled model, for an untrained one."""
+    from crystal_gpt.model.checkpoints import load_model
+
+    src = load_model(name).state_dict()
+    state = into.state_dict()
+    for key in ("lattice.mean", "lattice.std", "seen_elements", "atoms_range",
+                "pair_min_distance"):  # fmt: skip
+        state[key] = src[key]
+    return state

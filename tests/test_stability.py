@@ -206,3 +206,16 @@ def test_evaluate_stability(hull: ReferenceHull) -> None:
     assert "CHGNet" in out["protocol"] and "fmax=0.1" in out["protocol"]
     with pytest.raises(ValueError, match="novel_mask"):
         evaluate_stability(crystals, hull=hull, novel_mask=[True])
+
+
+def test_formation_energy_against_the_elemental_references(hull: ReferenceHull) -> None:
+    e = dict(zip(hull.ids, hull.energy_per_atom, strict=True))
+    mu_al, mu_ni = e["ase-bulk-Al"], e["ase-bulk-Ni"]
+    out = hull.formation_energy(
+        [("Al", mu_al), (b2_alni(), e["AlNi"]), ("Ni3Al", -5.0), ("AlCu", -4.0)]
+    )
+    assert out[0] == pytest.approx(0.0, abs=1e-9)
+    assert out[1] == pytest.approx(e["AlNi"] - 0.5 * (mu_al + mu_ni), abs=1e-9)
+    assert out[1] < -0.3  # B2 AlNi forms strongly
+    assert out[2] == pytest.approx(-5.0 - 0.25 * mu_al - 0.75 * mu_ni, abs=1e-9)
+    assert math.isnan(out[3])  # no copper reference

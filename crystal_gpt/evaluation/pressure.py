@@ -239,7 +239,7 @@ def evaluate_pressures(
         raise ValueError(f"the model is not conditioned on pressure (its conditions: {known})")
     t0 = time.perf_counter()
     ref = PressureReference.from_split("test", progress=progress)
-    rows, per_crystal = [], []
+    drawn = []
     for j, p in enumerate(pressures):
         crystals = sample_crystals(
             model,
@@ -256,11 +256,14 @@ def evaluate_pressures(
                 structures.append(None if c is None else decode(c))
             except Exception:  # an undecodable lattice counts as a failed sample
                 structures.append(None)
+        drawn.append((p, crystals, structures))
+    training = None
+    if novelty:  # one pass over the training files for every pressure's formulas
+        formulas = {s.composition.reduced_formula for *_, ss in drawn for s in ss if s is not None}
+        training = training_structures(formulas, progress)
+    rows, per_crystal = [], []
+    for p, crystals, structures in drawn:
         groups = [0 if c is None else c.spacegroup for c in crystals]
-        training = None
-        if novelty:
-            formulas = {s.composition.reduced_formula for s in structures if s is not None}
-            training = training_structures(formulas, progress)
         rows.append(pressure_metrics(structures, groups, float(p), ref, training, workers))
         for i, (c, s) in enumerate(zip(crystals, structures, strict=True)):
             if s is not None:

@@ -40,7 +40,12 @@ def _split_key(dataset: str, split: str, limit: int | None, data_dir, kind: str)
     if dataset in DATASETS:
         for path, rows in split_sources(dataset, split, data_dir):
             h.update(file_digest(path).encode())
-            h.update(b"all" if rows is None else np.asarray(rows, np.int64).tobytes())
+            if rows is None:
+                h.update(b"all")
+            elif rows.dtype.kind in "US":  # a split by material ids (alex_pressure)
+                h.update("\n".join(rows.tolist()).encode())
+            else:
+                h.update(np.asarray(rows, np.int64).tobytes())
     else:
         path = Path(dataset)
         if not path.is_file():
