@@ -448,6 +448,10 @@ def cmd_evaluate_pressure(args: argparse.Namespace) -> int:
         "against the training materials at every pressure",
         min_distance=_parse_min_distance(args.min_distance),
         guidance=args.guidance,
+        stability=args.stability,
+        stability_pressures=None
+        if args.stability_pressures is None
+        else _parse_numbers(args.stability_pressures, "--stability-pressures"),
     )
     print(result.markdown())
     print(
@@ -622,16 +626,17 @@ def cmd_hull(args: argparse.Namespace) -> int:
                 relax_steps=args.relax_steps,
                 path=args.out,
                 progress=not args.quiet,
+                pressure=args.pressure,
             )
             print(hull.summary())
-            print(f"-> {args.out or hull_path(args.dataset)}")
+            print(f"-> {args.out or hull_path(args.dataset, args.pressure)}")
             return 0
-        hull = ReferenceHull.load(args.dataset, path=args.out)
+        hull = ReferenceHull.load(args.dataset, path=args.out, pressure=args.pressure)
     except ImportError as err:  # chgnet missing
         print(f"crystal-gpt: error: {err}", file=sys.stderr)
         return 2
     print(hull.summary())
-    print(f"file: {args.out or hull_path(args.dataset)}")
+    print(f"file: {args.out or hull_path(args.dataset, args.pressure)}")
     if args.check:
         # E_hull of reference crystals themselves: how many known crystals this hull calls
         # stable (a ceiling for generated ones; all mp_20 crystals are within 0.08 eV/atom in DFT)
@@ -948,6 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     ep.add_argument("--min-distance", default="auto", help="the sampler's distance rule")
     ep.add_argument("--no-novelty", action="store_true", help="skip matching against training")
+    ep.add_argument(
+        "--stability", type=int, default=0, metavar="K", help="relax K samples per pressure "
+        "with CHGNet under that pressure; enthalpy above the training materials' CHGNet hull "
+        "(`crystal-gpt hull build --dataset alex_pressure --pressure P --splits train` first)",
+    )  # fmt: skip
+    ep.add_argument("--stability-pressures", help="only at these pressures (default: all)")
     ep.add_argument("--workers", type=int, help="processes for matching (default 1)")
     ep.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     ep.add_argument("--out", default="pressure_eval", help="output folder")
@@ -1063,6 +1074,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (hub, hui):
         p.add_argument("--dataset", default="mp_20", help="dataset name (default mp_20)")
         p.add_argument("--out", help="hull file (default: <cache>/hull/<dataset>_chgnet.json)")
+        p.add_argument(
+            "--pressure",
+            type=float,
+            help="alex_pressure: a hull of enthalpies E + PV at this pressure (GPa) from the "
+            "crystals at that pressure, elemental references relaxed under it",
+        )
     hub.add_argument(
         "--splits",
         default="train,holdout,test",

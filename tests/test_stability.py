@@ -156,12 +156,12 @@ def test_a_killed_or_slow_relaxation_costs_that_crystal_only(tmp_path, monkeypat
     stability.load_potential()
     relax = relaxation._relax
 
-    def flaky(structure, steps, fmax):  # runs in the forked workers
+    def flaky(structure, steps, fmax, pressure=0.0):  # runs in the forked workers
         if structure.composition.reduced_formula == "AlNi3":
             os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
         if len(structure) == 1:
             time.sleep(120)
-        return relax(structure, steps, fmax)
+        return relax(structure, steps, fmax, pressure)
 
     monkeypatch.setattr(relaxation, "_relax", flaky)
     crystals = [
@@ -219,3 +219,26 @@ def test_formation_energy_against_the_elemental_references(hull: ReferenceHull) 
     assert out[1] < -0.3  # B2 AlNi forms strongly
     assert out[2] == pytest.approx(-5.0 - 0.25 * mu_al - 0.75 * mu_ni, abs=1e-9)
     assert math.isnan(out[3])  # no copper reference
+
+
+def test_relaxation_and_hull_under_pressure(work) -> None:
+    """Under 50 GPa the cell shrinks, energies are enthalpies (E + PV) / N, the cache keys
+    differ from 0 GPa's, and a hull built at that pressure puts B2 AlNi on it."""
+    from crystal_gpt.evaluation.stability.relaxation import GPA_TO_EV_PER_A3, structure_key
+
+    s = b2_alni()
+    at0, at50 = (relax_structures([s], steps=60, progress=False, pressure=p)[0] for p in (0, 50))
+    assert at0.ok and at50.ok
+    assert at50.structure.volume < 0.9 * at0.structure.volume
+    e50 = stability.single_point_energies([at50.structure], progress=False)[0][0]
+    v50 = at50.structure.volume / len(at50.structure)
+    assert at50.energy_per_atom == pytest.approx(e50 + 50 * GPA_TO_EV_PER_A3 * v50, abs=2e-3)
+    assert structure_key(s, 60, 0.1) != structure_key(s, 60, 0.1, 50.0)
+    assert structure_key(s, 60, 0.1) == structure_key(s, 60, 0.1, 0.0)  # old caches still hit
+    hull = ReferenceHull.from_structures(
+        [at50.structure], ids=["AlNi@50"], cache=work / "p50", progress=False, pressure=50.0
+    )
+    assert hull.meta["pressure_gpa"] == 50.0
+    e = dict(zip(hull.ids, hull.energy_per_atom, strict=True))
+    assert e["AlNi@50"] == pytest.approx(at50.energy_per_atom, abs=2e-3)
+    assert hull.e_above_hull([(at50.structure, at50.energy_per_atom)])[0] <= 1e-6

@@ -173,6 +173,23 @@ class PressureResult:
                 f"{100 * r['structure_valid']:.1f} | {100 * r['smact_valid']:.1f} | "
                 f"{opt('unique', '.1f', 100)} | {opt('novel', '.1f', 100)} |"
             )
+        stab = [r for r in self.rows if "stability_n" in r]
+        if stab:
+            lines += [
+                "",
+                "CHGNet enthalpy stability (relaxed under the pressure; hull of the training "
+                "materials' enthalpies at that pressure):",
+                "",
+                "| GPa | relaxed | H - H_hull <= 0.1 eV/atom | <= 0 | median H - H_hull | "
+                "converged | failed |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in stab:
+                lines.append(
+                    f"| {r['pressure']:g} | {r['stability_n']} | {100 * r['stable_0.1']:.1f}% | "
+                    f"{100 * r['stable_0.0']:.1f}% | {r['enthalpy_above_hull_median']:.3f} | "
+                    f"{100 * r['relax_converged']:.0f}% | {r['relax_failed']} |"
+                )
         return "\n".join(lines) + "\n"
 
     def plot(self, path: Path, ref: PressureReference | None = None) -> None:
@@ -207,6 +224,27 @@ class PressureResult:
         plt.close(fig)
 
 
+def _stability_at(structures, p: float, k: int, workers: int, out_dir, progress) -> dict:
+    """CHGNet enthalpy stability of the first k samples at pressure p (failed ones count)."""
+    from crystal_gpt.evaluation.stability import ReferenceHull, evaluate_stability
+
+    hull = ReferenceHull.load(PRESSURE_DATASET, pressure=p)
+    chosen = [s for s in structures if s is not None][:k]
+    cache = None if out_dir is None else Path(out_dir) / f"relax_{p:g}GPa.jsonl"
+    st = evaluate_stability(
+        chosen, hull=hull, workers=workers, cache=cache, progress=progress, pressure=p
+    )
+    return {
+        "stability_n": st["n"],
+        "stable_0.1": st["stable_0.1"],
+        "stable_0.0": st["stable_0.0"],
+        "enthalpy_above_hull_median": st["e_above_hull_median"],
+        "relax_converged": st["converged"],
+        "relax_failed": st["n_failed"],
+        "hull": hull.describe(),
+    }
+
+
 def training_structures(formulas: set[str], progress: bool = False) -> dict[str, list]:
     """The training materials at every pressure with these reduced formulas (novelty)."""
     from crystal_gpt.evaluation.references import TrainingSet
@@ -225,11 +263,18 @@ def evaluate_pressures(
     workers: int = 1,
     progress: bool = True,
     description: str = "",
+    stability: int = 0,
+    stability_pressures: list[float] | None = None,
     **sample_options,
 ) -> PressureResult:
     """Sample n crystals at each pressure (seed + index of the pressure) and measure them
     (``sample_options``: the sampler's, e.g. ``min_distance``, ``guidance``). With
-    ``out_dir`` each pressure's samples are written as a sample folder (``samples_<P>GPa``)."""
+    ``out_dir`` each pressure's samples are written as a sample folder (``samples_<P>GPa``).
+
+    ``stability`` > 0: the first that many samples at each of ``stability_pressures`` (default
+    all) are relaxed with CHGNet under that pressure and their enthalpy set against the CHGNet
+    enthalpy hull of the training materials at that pressure (``crystal-gpt hull build
+    --dataset alex_pressure --pressure P --splits train``, built once)."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.output import write_samples
     from crystal_gpt.sampling.sampler import sample_crystals
@@ -265,6 +310,10 @@ def evaluate_pressures(
     for p, crystals, structures in drawn:
         groups = [0 if c is None else c.spacegroup for c in crystals]
         rows.append(pressure_metrics(structures, groups, float(p), ref, training, workers))
+        if stability and (stability_pressures is None or p in stability_pressures):
+            rows[-1].update(
+                _stability_at(structures, float(p), stability, workers, out_dir, progress)
+            )
         for i, (c, s) in enumerate(zip(crystals, structures, strict=True)):
             if s is not None:
                 per_crystal.append(

@@ -24,6 +24,7 @@ from crystal_gpt.evaluation.stability.potential import potential_tag
 from crystal_gpt.evaluation.stability.relaxation import (
     DEFAULT_FMAX,
     DEFAULT_STEPS,
+    enthalpy_per_atom,
     relax_structures,
     single_point_energies,
 )
@@ -62,9 +63,11 @@ def element_structure(symbol: str) -> Structure | None:
 # --------------------------------------------------------------------------- the hull
 
 
-def hull_path(dataset: str) -> Path:
-    """Where ``crystal-gpt hull build`` stores a dataset's CHGNet reference hull."""
-    return cache_dir() / "hull" / f"{Path(dataset).name.removesuffix('.gz')}_chgnet.json"
+def hull_path(dataset: str, pressure: float | None = None) -> Path:
+    """Where ``crystal-gpt hull build`` stores a dataset's CHGNet reference hull (of
+    enthalpies, at a pressure in GPa)."""
+    at = "" if pressure is None else f"_{pressure:g}GPa"
+    return cache_dir() / "hull" / f"{Path(dataset).name.removesuffix('.gz')}{at}_chgnet.json"
 
 
 @dataclass
@@ -119,12 +122,15 @@ class ReferenceHull:
         workers: int = 1,
         cache: str | os.PathLike | None = None,
         progress: bool = True,
+        pressure: float = 0.0,
     ) -> ReferenceHull:
         """A hull from known (already relaxed) crystals plus relaxed ``ase`` elemental references
         for ``elements`` (default: every element of the crystals).
 
         ``relax_steps`` = 0 takes CHGNet single points at the given geometries; > 0 relaxes them
-        (resumable through ``cache``, a folder).
+        (resumable through ``cache``, a folder). ``pressure`` (GPa): a hull of enthalpies per
+        atom, E/N + P V/N, the crystals given at that pressure and the elemental references
+        relaxed under it.
         """
         t0 = time.perf_counter()
         structures = list(structures)
@@ -138,11 +144,14 @@ class ReferenceHull:
                 workers=workers,
                 progress=progress,
                 cache=None if cache_folder is None else cache_folder / f"relax{relax_steps}.jsonl",
+                pressure=pressure,
             )
             energies = np.array([r.energy_per_atom for r in res])
             errors = [r.error for r in res]
         else:
             energies, errors = single_point_energies(structures, workers=workers, progress=progress)
+            volumes = np.array([s.volume / len(s) for s in structures])
+            energies = enthalpy_per_atom(np.asarray(energies), volumes, pressure)
         wanted = sorted(
             set(elements)
             if elements is not None
@@ -158,6 +167,7 @@ class ReferenceHull:
             workers=workers,
             progress=progress,
             cache=None if cache_folder is None else cache_folder / "elements.jsonl",
+            pressure=pressure,
         )
         all_ids = [*ids, *(f"ase-bulk-{sym}" for sym in buildable)]
         all_formulas = [
@@ -196,6 +206,9 @@ class ReferenceHull:
             "elements_without_reference": [s for s in wanted if s not in ase_ok | data_elements],
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
+        if pressure:
+            meta["pressure_gpa"] = pressure
+            meta["reference_energies"] += "; enthalpies per atom E/N + PV/N at that pressure"
         return cls(
             ids=[i for i, k in zip(all_ids, keep, strict=True) if k],
             formulas=[f for f, k in zip(all_formulas, keep, strict=True) if k],
@@ -215,21 +228,24 @@ class ReferenceHull:
         relax_steps: int = 0,
         path: str | os.PathLike | None = None,
         progress: bool = True,
+        pressure: float | None = None,
     ) -> ReferenceHull:
         """Build and save the reference hull of a dataset: all crystals of ``splits`` (default
         train + holdout + test: the largest reference available, as MatterGen prefers a large
-        hull), ``limit`` crystals per split at most. What ``crystal-gpt hull build`` runs."""
+        hull), ``limit`` crystals per split at most. What ``crystal-gpt hull build`` runs.
+        ``pressure`` (alex_pressure): the crystals at that pressure, a hull of enthalpies."""
         from crystal_gpt.data.datasets import load_dataset
 
         t0 = time.perf_counter()
         structures, ids, sources = [], [], []
         for split in splits:
-            ds = load_dataset(dataset, split, limit=limit)
+            at = None if pressure is None else [pressure]
+            ds = load_dataset(dataset, split, limit=limit, pressures=at)
             for r in ds:
                 structures.append(r.structure)
                 ids.append(str(r.id))
                 sources.append(split)
-        out = Path(path) if path is not None else hull_path(dataset)
+        out = Path(path) if path is not None else hull_path(dataset, pressure)
         hull = cls.from_structures(
             structures,
             ids,
@@ -238,6 +254,7 @@ class ReferenceHull:
             workers=workers,
             cache=out.parent / f"{out.stem}_work",
             progress=progress,
+            pressure=pressure or 0.0,
         )
         hull.meta.update(
             dataset=dataset,
@@ -265,9 +282,14 @@ class ReferenceHull:
         return p
 
     @classmethod
-    def load(cls, dataset: str = "mp_20", path: str | os.PathLike | None = None) -> ReferenceHull:
+    def load(
+        cls,
+        dataset: str = "mp_20",
+        path: str | os.PathLike | None = None,
+        pressure: float | None = None,
+    ) -> ReferenceHull:
         """The saved hull of a dataset (or a file); says how to build it when it is missing."""
-        p = Path(path) if path is not None else hull_path(dataset)
+        p = Path(path) if path is not None else hull_path(dataset, pressure)
         shipped = Path(str(resources.files("crystal_gpt") / "references")) / (
             hull_path(dataset).name + ".gz"
         )
@@ -275,9 +297,11 @@ class ReferenceHull:
             p = shipped  # the mp_20 hull ships with the package (built as below)
         if not p.exists():
             raise FileNotFoundError(
-                f"no CHGNet reference hull for {dataset!r} at {p}; build it once with "
-                f"`crystal-gpt hull build --dataset {dataset}` (mp_20: about 10 min on one "
-                "core; needs the eval extra)"
+                f"no CHGNet reference hull for {dataset!r}"
+                f"{'' if pressure is None else f' at {pressure:g} GPa'} at {p}; build it once "
+                f"with `crystal-gpt hull build --dataset {dataset}"
+                f"{'' if pressure is None else f' --pressure {pressure:g} --splits train'}` "
+                "(mp_20: about 10 min on one core; needs the eval extra)"
             )
         if p.suffix == ".gz":
             import gzip

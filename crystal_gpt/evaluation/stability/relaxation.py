@@ -105,15 +105,23 @@ def displacement_rmsd(initial: Structure, relaxed: Structure) -> float:
     return float(np.sqrt((cart**2).sum(axis=1).mean()))
 
 
-def structure_key(structure: Structure, steps: int, fmax: float) -> str:
+GPA_TO_EV_PER_A3 = 1 / 160.21766208  # 1 GPa in eV/A^3
+
+
+def enthalpy_per_atom(energy_per_atom: float, volume_per_atom: float, pressure: float) -> float:
+    """H / N = E / N + P V / N, with the pressure in GPa (eV per atom)."""
+    return energy_per_atom + pressure * GPA_TO_EV_PER_A3 * volume_per_atom
+
+
+def structure_key(structure: Structure, steps: int, fmax: float, pressure: float = 0.0) -> str:
     """Content hash of a crystal plus the relaxation settings (resume-cache key)."""
+    settings = [steps, fmax] + ([] if pressure == 0 else [f"{pressure:g} GPa"])
     payload = json.dumps(
         [
             (np.round(structure.lattice.matrix, 6) + 0.0).tolist(),
             [site.species_string for site in structure],
             (np.round(structure.frac_coords, 6) + 0.0).tolist(),
-            steps,
-            fmax,
+            *settings,
             RELAX_FORMAT,
             potential_tag(),
         ]
@@ -133,7 +141,9 @@ def _usable_workers(workers: int) -> int:
     return workers
 
 
-def _relax(structure: Structure, steps: int, fmax: float) -> RelaxResult:
+def _relax(structure: Structure, steps: int, fmax: float, pressure: float = 0.0) -> RelaxResult:
+    """Relax positions and cell; under a pressure (GPa) the cell filter minimises the enthalpy
+    and the energies returned are enthalpies per atom (E + PV) / N."""
     from ase import Atoms
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
@@ -148,15 +158,22 @@ def _relax(structure: Structure, steps: int, fmax: float) -> RelaxResult:
     )
     atoms.calc = _calculator()
     n = len(atoms)
-    e0 = float(atoms.get_potential_energy()) / n
+
+    def per_atom() -> float:
+        return enthalpy_per_atom(
+            float(atoms.get_potential_energy()) / n, atoms.get_volume() / n, pressure
+        )
+
+    e0 = per_atom()
     n_steps = 0
     if steps > 0:
-        opt = FIRE(FrechetCellFilter(atoms), logfile=None)
+        cell_filter = FrechetCellFilter(atoms, scalar_pressure=pressure * GPA_TO_EV_PER_A3)
+        opt = FIRE(cell_filter, logfile=None)
         converged = bool(opt.run(fmax=fmax, steps=steps))
         n_steps = int(opt.nsteps)
     else:
         converged = bool(np.linalg.norm(atoms.get_forces(), axis=1).max() <= fmax)
-    energy = float(atoms.get_potential_energy()) / n
+    energy = per_atom()
     if not math.isfinite(energy):
         raise FloatingPointError("CHGNet energy is not finite")
     relaxed = Structure(
@@ -172,15 +189,15 @@ def _relax(structure: Structure, steps: int, fmax: float) -> RelaxResult:
     )
 
 
-def _relax_job(job: tuple[str, Structure, int, float]) -> tuple[str, dict]:
+def _relax_job(job: tuple[str, Structure, int, float, float]) -> tuple[str, dict]:
     """Worker: one relaxation; any failure becomes an error record, never a crashed batch."""
-    key, structure, steps, fmax = job
+    key, structure, steps, fmax, pressure = job
     _prepare_worker()
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # CHGNet's requires_grad notices, ASE's FIRE notes
-            res = _relax(structure, steps, fmax)
+            res = _relax(structure, steps, fmax, pressure)
     except Exception as err:
         msg = f"{type(err).__name__}: {err}".strip()
         res = RelaxResult(math.nan, None, math.nan, False, error=msg[:500])
@@ -212,8 +229,10 @@ def relax_structures(
     cache: str | os.PathLike | None = None,
     progress: bool = True,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
+    pressure: float = 0.0,
 ) -> list[RelaxResult]:
-    """Relax crystals (positions and cell) with CHGNet, in input order.
+    """Relax crystals (positions and cell) with CHGNet, in input order; under ``pressure``
+    (GPa) to the lowest enthalpy, ``energy_per_atom`` then being the enthalpy per atom.
 
     ``workers`` processes with one torch thread each, watched: a relaxation that runs past
     ``time_limit`` seconds, or whose process dies, is recorded as failed and the rest go on
@@ -223,7 +242,7 @@ def relax_structures(
     Identical crystals are relaxed once.
     """
     structures = list(structures)
-    keys = [structure_key(s, steps, fmax) for s in structures]
+    keys = [structure_key(s, steps, fmax, pressure) for s in structures]
     done = read_relax_cache(cache) if cache is not None else {}
     todo: dict[str, Structure] = {}
     for k, s in zip(keys, structures, strict=True):
@@ -234,7 +253,7 @@ def relax_structures(
         load_potential()  # fail fast, and forked workers inherit the loaded model
         if cache is not None:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        jobs = [(k, s, steps, fmax) for k, s in todo.items()]
+        jobs = [(k, s, steps, fmax, pressure) for k, s in todo.items()]
         bar = tqdm(
             total=len(jobs),
             desc="CHGNet relax",

@@ -49,8 +49,10 @@ def evaluate_stability(
     unique_mask: Sequence[bool] | None = None,
     progress: bool = True,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
+    pressure: float = 0.0,
 ) -> dict:
-    """Relax crystals with CHGNet and measure stability against the dataset's CHGNet hull.
+    """Relax crystals with CHGNet and measure stability against the dataset's CHGNet hull
+    (``pressure`` in GPa: relaxed under it, enthalpies against a hull of enthalpies).
 
     Shares are over ALL given crystals (failed relaxations and missing references count as not
     stable): ``stable_0.1`` = E_hull <= 0.1 eV/atom (MatterGen), ``stable_0.08`` (WyFormer),
@@ -73,6 +75,7 @@ def evaluate_stability(
         cache=cache,
         progress=progress,
         time_limit=time_limit,
+        pressure=pressure,
     )
     pairs = [
         (r.structure or s, r.energy_per_atom) for r, s in zip(results, structures, strict=True)
