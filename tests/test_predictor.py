@@ -116,6 +116,11 @@ def test_evaluate_conditioning_with_a_predictor_and_with_chgnet(predictor_run, t
     for name in ("conditioning.md", "conditioning.json", "target_vs_achieved.png"):
         assert (tmp_path / "c" / name).exists()
     assert "closer" in (tmp_path / "c" / "conditioning.md").read_text()
+    steered = evaluate_conditioning(
+        m, "atoms", [6.0], 4, predictor=p, steer_with=p, oversample=2, baseline=False,
+        training_dataset=None, progress=False, symprec=None,
+    )  # fmt: skip
+    assert [r["method"] for r in steered.rows] == ["steered"]
     with pytest.raises(ValueError, match="not conditioned on 'band_gap'"):
         evaluate_conditioning(m, "band_gap", [1.0], 2, predictor=p)
     pytest.importorskip("chgnet")

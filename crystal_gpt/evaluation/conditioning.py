@@ -49,14 +49,15 @@ class ConditioningResult:
             "",
             f"Achieved {self.property}: {self.how}.",
             "",
-            "| target | guidance | samples | valid % | mean achieved | median | "
+            "| target | method | guidance | samples | valid % | mean achieved | median | "
             "mean abs(achieved - target) | hit % | SMACT % | unique % | novel % |",
-            "|" + "---|" * 11,
+            "|" + "---|" * 12,
         ]
         for r in self.rows:
             t = "unconditional" if r["target"] is None else f"{r['target']:g}"
             lines.append(
-                f"| {t} | {r['guidance']:g} | {r['samples']} | {100 * r['structure_valid']:.1f} | "
+                f"| {t} | {r.get('method', '')} | {r['guidance']:g} | {r['samples']} | "
+                f"{100 * r['structure_valid']:.1f} | "
                 f"{r['mean']:.3f} | {r['median']:.3f} | {_fmt(r.get('mean_abs_error'))} | "
                 f"{_fmt(r.get('hit_rate'), 100, '.1f')} | {100 * r['smact_valid']:.1f} | "
                 f"{_fmt(r.get('unique'), 100, '.1f')} | {_fmt(r.get('novel'), 100, '.1f')} |"
@@ -194,14 +195,24 @@ def evaluate_conditioning(
     progress: bool = True,
     description: str = "",
     out_dir: str | Path | None = None,
+    steer_with=None,
+    steer_width: float = 0.5,
+    oversample: int = 8,
     **sample_options,
 ) -> ConditioningResult:
     """Sample n crystals per (target, guidance) and, with ``baseline``, n unconditional ones;
-    measure what they achieve (see the module docstring)."""
+    measure what they achieve (see the module docstring). ``steer_with`` (a predictor of
+    ``prop``): the rows are steered instead (``sampling.steering``, importance resampling of an
+    unconditional model; ``guidance`` unused), measured the same way."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
+    from crystal_gpt.sampling.steering import steer
 
-    if prop not in model.config.conditions:
+    if steer_with is not None:
+        if steer_with.config.target != prop:
+            raise ValueError(f"the steering predictor predicts {steer_with.config.target!r}")
+        guidance = 1.0
+    elif prop not in model.config.conditions:
         known = ", ".join(model.config.conditions) or "none"
         raise ValueError(f"the model is not conditioned on {prop!r} (its conditions: {known})")
     hull = None
@@ -237,10 +248,16 @@ def evaluate_conditioning(
     rows, per_crystal = [], []
     for j, (target, g) in enumerate(runs):
         conditions = None if target is None else {prop: target}
-        crystals = sample_crystals(
-            model, n, seed=seed + j, conditions=conditions, guidance=g if target is not None
-            else 1.0, progress=progress, give_up=True, **sample_options,
-        )  # fmt: skip
+        if steer_with is not None and target is not None:
+            crystals, _ = steer(
+                model, steer_with, n, target, width=steer_width, oversample=oversample,
+                seed=seed + j, progress=progress, give_up=True, **sample_options,
+            )  # fmt: skip
+        else:
+            crystals = sample_crystals(
+                model, n, seed=seed + j, conditions=conditions, guidance=g if target is not None
+                else 1.0, progress=progress, give_up=True, **sample_options,
+            )  # fmt: skip
         kept, structures = [], []
         for c in crystals:
             try:
@@ -260,6 +277,9 @@ def evaluate_conditioning(
         ok = np.isfinite(values)
         row = {
             "target": target,
+            "method": "steered"
+            if steer_with is not None and target is not None
+            else ("guided" if target is not None else "unconditional"),
             "guidance": g if target is not None else 1.0,
             "samples": n,
             "structure_valid": float(valid.sum() / n),
