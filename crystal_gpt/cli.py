@@ -924,7 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--property", required=True, help="a condition of the model, e.g. band_gap, "
         "formation_energy_per_atom (CHGNet), e_above_hull (CHGNet, relaxed)",
     )  # fmt: skip
-    ec.add_argument("--targets", required=True, help="comma-separated, e.g. 0,1.5,3,5")
+    ec.add_argument(
+        "--targets",
+        required=True,
+        help="comma-separated, e.g. 0,1.5,3,5 (negative ones after =: --targets=-3,-2,-1)",
+    )
     ec.add_argument("-n", type=int, default=500, help="samples per target (default 500)")
     ec.add_argument(
         "--guidance", default="1", help="guidance scale(s), comma-separated (default 1)"

@@ -62,6 +62,15 @@ class ConditioningResult:
                 f"{_fmt(r.get('hit_rate'), 100, '.1f')} | {100 * r['smact_valid']:.1f} | "
                 f"{_fmt(r.get('unique'), 100, '.1f')} | {_fmt(r.get('novel'), 100, '.1f')} |"
             )
+        if any("stable_0.1" in r for r in self.rows):
+            lines += ["", "| target | method | guidance | E_hull <= 0.1 eV/atom | <= 0 |",
+                      "|---|---|---|---|---|"]  # fmt: skip
+            for r in self.rows:
+                t = "unconditional" if r["target"] is None else f"{r['target']:g}"
+                lines.append(
+                    f"| {t} | {r.get('method', '')} | {r['guidance']:g} | "
+                    f"{100 * r['stable_0.1']:.1f}% | {100 * r['stable_0.0']:.1f}% |"
+                )
         base = next((r for r in self.rows if r["target"] is None), None)
         if base is not None:
             lines += [
@@ -291,6 +300,9 @@ def evaluate_conditioning(
             if vs
             else 0.0,
         }
+        if prop == "e_above_hull":  # the stability share, over all n (failures not stable)
+            row["stable_0.1"] = float((values[ok] <= 0.1).sum() / n)
+            row["stable_0.0"] = float((values[ok] <= 0.0).sum() / n)
         if target is not None and ok.any():
             row["mean_abs_error"] = float(np.abs(values[ok] - target).mean())
             row["hit_rate"] = float((np.abs(values[ok] - target) <= tolerance).sum() / n)
