@@ -902,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--d-model", type=int, help="width (default 128)")
     tp.add_argument("--n-layers", type=int, help="transformer layers (default 3)")
     tp.add_argument("--dropout", type=float, help="dropout (default 0.1)")
-    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--seed", type=int, default=0, help="for a reproducible run (default 0)")
     tp.add_argument("--quiet", action="store_true", help="no progress output")
     tp.set_defaults(func=cmd_train_predictor)
 
@@ -948,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--oversample", type=int, default=8, help="drawn per kept crystal (8)")
     ec.add_argument("--no-baseline", action="store_true", help="skip the unconditional row")
     ec.add_argument("--min-distance", default="auto", help="the sampler's distance rule")
-    ec.add_argument("--seed", type=int, default=0)
+    ec.add_argument("--seed", type=int, default=0, help="seed of the first row (default 0)")
     ec.add_argument("--workers", type=int, help="processes for CHGNet and matching")
     ec.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     ec.add_argument("--out", default="conditioning_eval", help="output folder")

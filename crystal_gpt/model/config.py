@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class ModelConfig:
@@ -79,3 +81,21 @@ def check_number(name: str, value, low: float, kind: type) -> None:
     if not ok or value < low:
         what = "a whole number" if kind is int else "a number"
         raise ValueError(f"setting {name}={value!r} must be {what} >= {low}")
+
+
+def per_crystal_conditions(conditions: dict | None, n: int) -> dict[str, np.ndarray]:
+    """name -> one value, or one per crystal -> name -> (n,) float array, checked."""
+    out = {}
+    for name, value in (conditions or {}).items():
+        v = np.asarray(value, dtype=float).reshape(-1)
+        if len(v) == 1:
+            v = np.full(n, v[0])
+        if len(v) != n:
+            raise ValueError(f"condition {name}: {len(v)} values given for {n} crystals")
+        out[name] = v
+    return out
+
+
+def unknown_condition_message(asked: list[str], known: list[str]) -> str:
+    knows = ", ".join(known) if known else "none (it samples unconditionally only)"
+    return f"this model was not trained on condition(s) {', '.join(asked)}; it knows: {knows}"

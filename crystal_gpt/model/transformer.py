@@ -36,7 +36,11 @@ from torch import Tensor, nn
 from crystal_gpt.data.symmetry import (
     lowest_next_element,
 )
-from crystal_gpt.model.config import ModelConfig
+from crystal_gpt.model.config import (
+    ModelConfig,
+    per_crystal_conditions,
+    unknown_condition_message,
+)
 from crystal_gpt.model.distributions import (
     LATTICE_EMBED_DIM,
     NUM_ELEMENTS,
@@ -95,24 +99,6 @@ class SiteStep:
     a_logits: Tensor  # (B, 119) masked
     x_params: Tensor  # (B, 3, 3K) mixture parameters of x, y | x, z | x, y
     ctx: Tensor  # (B, d) what the element and coordinate heads saw
-
-
-def per_crystal_conditions(conditions: dict | None, n: int) -> dict[str, np.ndarray]:
-    """name -> one value, or one per crystal -> name -> (n,) float array, checked."""
-    out = {}
-    for name, value in (conditions or {}).items():
-        v = np.asarray(value, dtype=float).reshape(-1)
-        if len(v) == 1:
-            v = np.full(n, v[0])
-        if len(v) != n:
-            raise ValueError(f"condition {name}: {len(v)} values given for {n} crystals")
-        out[name] = v
-    return out
-
-
-def unknown_condition_message(asked: list[str], known: list[str]) -> str:
-    knows = ", ".join(known) if known else "none (it samples unconditionally only)"
-    return f"this model was not trained on condition(s) {', '.join(asked)}; it knows: {knows}"
 
 
 class CrystalGPT(nn.Module):

@@ -429,7 +429,7 @@ def sample_crystals(
 
 def _condition_values(model, conditions, guidance, n: int) -> dict[str, np.ndarray]:
     """The asked conditions per crystal, checked against what the model was trained on."""
-    from crystal_gpt.model.transformer import per_crystal_conditions, unknown_condition_message
+    from crystal_gpt.model.config import per_crystal_conditions, unknown_condition_message
 
     known = list(model.config.conditions)
     conditions = dict(conditions or {})
