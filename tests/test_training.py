@@ -100,10 +100,11 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(
         return batch(self, idx, device)
 
     monkeypatch.setattr(PaddedCrystals, "batch", batch_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # default, or SIG_IGN under `nohup ... &`
     stopped = train(cfg, tmp_path / "run", **kw)
     monkeypatch.undo()
     assert stopped.interrupted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     state = read_checkpoint(tmp_path / "run" / "last.pt")["state"]
     assert state["epoch"] == 1 and 0 < state["batch"] < 3  # mid-epoch
     resumed = train(cfg, tmp_path / "run", resume=True, **kw)
