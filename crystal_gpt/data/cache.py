@@ -323,8 +323,7 @@ def encode_dataset(
         ds = encode_file(path, **kwargs)  # type: ignore[arg-type]
         if rows is not None:
             ds = ds.select(np.nonzero(keep_rows(ds.rows, ds.ids, rows))[0])
-            by_id = rows.dtype.kind in "US"
-            keep = set(rows.tolist())
-            ds.errors = [e for e in ds.errors if (e.id if by_id else e.row) in keep]
+            kept = keep_rows([e.row for e in ds.errors], [e.id for e in ds.errors], rows)
+            ds.errors = [e for e, k in zip(ds.errors, kept, strict=True) if k]
         parts.append(ds)
     return EncodedDataset.concatenate(parts)

@@ -259,11 +259,14 @@ def split_sources(
     return out
 
 
+def selects_ids(selection: np.ndarray) -> bool:
+    """A split selection is row numbers, or (as text) ids: alex_pressure's material ids."""
+    return selection.dtype.kind in "US"
+
+
 def keep_rows(rows: np.ndarray, ids: np.ndarray, selection: np.ndarray) -> np.ndarray:
-    """Boolean mask of the rows a split selection takes (row numbers or, as text, ids)."""
-    if selection.dtype.kind in "US":
-        return np.isin(ids, selection)
-    return np.isin(rows, selection)
+    """Boolean mask of the rows a split selection takes."""
+    return np.isin(np.asarray(ids) if selects_ids(selection) else np.asarray(rows), selection)
 
 
 def file_split_rows(path: Path, split: str) -> np.ndarray | None:
@@ -424,7 +427,7 @@ def iter_split_rows(
             yield from read_rows(path)
             continue
         keep = set(rows.tolist())
-        by_id = rows.dtype.kind in "US"
+        by_id = selects_ids(rows)
         yield from (r for r in read_rows(path) if (r.id if by_id else r.row) in keep)
 
 

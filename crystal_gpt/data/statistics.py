@@ -59,6 +59,9 @@ def print_statistics(title: str, st: dict) -> None:
     print(f"most common groups  {top}")
 
 
+AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660
+
+
 def cell_volumes(lattice: np.ndarray) -> np.ndarray:
     """Volumes (A^3) of cells given as (N, 6) a, b, c, alpha, beta, gamma (degrees)."""
     lat = np.asarray(lattice, dtype=float).reshape(-1, 6)
@@ -92,7 +95,7 @@ def pressure_statistics(ds: EncodedDataset) -> dict:
     tables = get_tables()
     pressure = ds.properties["pressure"]
     vpa = cell_volumes(ds.lattice) / ds.num_atoms
-    density = crystal_masses(ds) / cell_volumes(ds.lattice) * 1.66053906660  # g/cm^3
+    density = crystal_masses(ds) / cell_volumes(ds.lattice) * AMU_PER_A3_TO_G_PER_CM3
     levels = sorted(set(pressure.tolist()))
     base = {i: g for i, g, p in zip(ds.ids, ds.spacegroup, pressure, strict=True) if p == levels[0]}
     out = {}

@@ -20,7 +20,7 @@ import numpy as np
 from pymatgen.core import Structure
 
 from crystal_gpt.data.datasets import PRESSURE_DATASET, PRESSURES
-from crystal_gpt.data.statistics import cell_volumes, crystal_masses
+from crystal_gpt.data.statistics import AMU_PER_A3_TO_G_PER_CM3, cell_volumes, crystal_masses
 from crystal_gpt.evaluation.metrics import (
     novel_mask,
     smact_validity,
@@ -29,8 +29,6 @@ from crystal_gpt.evaluation.metrics import (
     unique_mask,
     wasserstein,
 )
-
-AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660
 
 
 @dataclass

@@ -20,6 +20,7 @@ from crystal_gpt.data.datasets import (
     file_digest,
     iter_split_rows,
     parse_row,
+    selects_ids,
     split_sources,
 )
 from crystal_gpt.evaluation.features import (
@@ -42,7 +43,7 @@ def _split_key(dataset: str, split: str, limit: int | None, data_dir, kind: str)
             h.update(file_digest(path).encode())
             if rows is None:
                 h.update(b"all")
-            elif rows.dtype.kind in "US":  # a split by material ids (alex_pressure)
+            elif selects_ids(rows):  # a split by material ids (alex_pressure)
                 h.update("\n".join(rows.tolist()).encode())
             else:
                 h.update(np.asarray(rows, np.int64).tobytes())

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.cache import EncodedDataset, encode_dataset
+from crystal_gpt.model.checkpoints import read_checkpoint
 from crystal_gpt.model.config import check_number
 from crystal_gpt.model.distributions import LATTICE_EMBED_DIM, lattice_embedding_features
 from crystal_gpt.model.layers import SymmetryTensors, fourier, mlp
@@ -126,7 +127,7 @@ def _predictors_dir() -> Path:
 def list_predictors() -> dict[str, dict]:
     out = {}
     for path in sorted(_predictors_dir().glob("*.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
         out[path.stem] = {**state.get("meta", {}), "file": str(path)}
     return out
 
@@ -144,13 +145,12 @@ def load_predictor(name_or_path: str | os.PathLike, device: str = "cpu") -> Prop
             f"no predictor {str(name_or_path)!r}: not a file, nor a bundled one (bundled: {names})"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)  # weights only: a file that would run code is refused
         config = PredictorConfig(**state["config"])
         model = PropertyPredictor(config)
         model.load_state_dict({k: v.float() for k, v in state["model"].items()})
-    except Exception as err:  # unpickling refused, wrong keys, shapes
-        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable crystal-gpt predictor ({msg})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # wrong keys, shapes
+        raise ValueError(f"{path}: not a readable crystal-gpt predictor ({err})") from None
     model.meta = state.get("meta", {})
     return model.to(device).eval()
 
@@ -269,7 +269,7 @@ def _save(model: PropertyPredictor, path: Path, meta: dict) -> None:
 
 def export_predictor(run_dir: str | os.PathLike, name: str) -> Path:
     """Bundle a predictor run's best.pt (float16 weights) as crystal_gpt/predictors/NAME.pt."""
-    state = torch.load(Path(run_dir) / "best.pt", map_location="cpu", weights_only=True)
+    state = read_checkpoint(Path(run_dir) / "best.pt")
     keep32 = {"target_stats"}
     state["model"] = {
         k: v.half() if v.is_floating_point() and k not in keep32 else v
