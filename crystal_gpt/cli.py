@@ -25,6 +25,8 @@ from crystal_gpt.data.symmetry import get_tables
 from crystal_gpt.utils import prepare_output_folder, rate, use_executor
 
 # what `evaluate` and `evaluate-csp` write (an earlier run's copies are removed up front)
+CPU_BATCH = 500  # crystals drawn together: sample_crystals' default
+GPU_BATCH = 10_000  # a GPU's throughput keeps rising to about here (benchmarks/RESULTS.md)
 REPORT_FILES = ("report.md", "report.html", "metrics.json", "crystals.csv", "*.png")
 CSP_FILES = ("csp.json", "csp.csv", "csp.md")
 
@@ -102,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.dataset:
         overrides.append(f"dataset={args.dataset}")
-    for key in ("epochs", "seed", "device", "threads", "limit"):
+    for key in ("epochs", "seed", "device", "precision", "threads", "limit"):
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
@@ -180,8 +182,6 @@ def _parse_conditions(items: list[str] | None) -> dict[str, float]:
 def cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
     from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.sampling.output import prepare_sample_folder, write_samples
@@ -192,7 +192,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("-n must be at least 1")
     device = pick_device(args.device)
     model = load_model(args.model, device)
+    on_gpu = device.type != "cpu"
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     options = dict(
+        batch_size=args.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH),
         spacegroup=args.spacegroup,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -241,9 +245,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from crystal_gpt.sampling.shards import write_shards
 
         settings = {"model": str(args.model), **{k: str(v) for k, v in options.items()}}
-        # several shards at once, one per core, each checking its own symmetry; on a GPU all in
-        # this process (CUDA does not cross a fork, and the GPU is the parallelism)
-        on_gpu = torch.device(device).type != "cpu"
+        # several shards at once, one per core, each checking its own symmetry; on a GPU all
+        # drawn in this process (CUDA does not cross a fork, and the GPU is the parallelism)
+        # while worker processes make and write the rows of the shards drawn before
         parallel = args.n > args.shard_size and not on_gpu
         done = write_shards(
             lambda n, seed: draw(n, seed, False, 0 if parallel else None),
@@ -254,6 +258,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             settings=settings,
             resume=args.resume,
             workers=0 if on_gpu else None,
+            record_workers=max((os.cpu_count() or 1) - 1, 1) if on_gpu else 0,
         )
         print(
             f"{args.n} crystals in {done['shards']} shards -> {args.out}/part-*.parquet "
@@ -769,6 +774,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, help="epochs of the schedule (preset's by default)")
     tr.add_argument("--seed", type=int, help="for a reproducible run (default 0)")
     tr.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    tr.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: the transformer blocks in bfloat16 (autocast; heads, densities and the "
+        "lattice flow stay float32): faster on a GPU, slower on most CPUs (default fp32)",
+    )
     tr.add_argument("--threads", type=int, help="CPU threads for torch")
     tr.add_argument("--limit", type=int, help="use only the first N training crystals")
     tr.add_argument(
@@ -869,6 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sa.add_argument("--seed", type=int, help="for reproducible samples")
     sa.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
+    sa.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"crystals drawn together (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU); "
+        "part of a seeded run's identity",
+    )
     sa.add_argument("--out", default="samples", help="output folder (default ./samples)")
     sa.add_argument(
         "--format",

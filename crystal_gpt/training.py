@@ -39,6 +39,7 @@ from crystal_gpt.model.transformer import PARTS, CrystalGPT
 from crystal_gpt.utils import atomic_path, fmt
 
 PRESETS = ("tiny", "small", "large")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     patience: int = 20  # epochs without hold-out improvement before stopping
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # or "bf16": the transformer blocks under autocast (GPU training)
     threads: int | None = None
     limit: int | None = None  # first N training crystals (tests, quick looks)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,6 +100,10 @@ class TrainConfig:
         check_number("symprec", self.symprec, 0.0, float)
         if not self.symprec > 0:
             raise ValueError(f"setting symprec={self.symprec!r} must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"setting precision={self.precision!r}: one of {', '.join(PRECISIONS)}"
+            )
         for name in ("dataset", "train_split", "val_split", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"setting {name}={getattr(self, name)!r} must be a name (text)")
@@ -339,6 +345,7 @@ def train(
     val_set = PaddedCrystals(val_data, cfg.model.max_sites, conditions)
 
     model = CrystalGPT(cfg.model).to(device)
+    model.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     mean, std = lattice_statistics(train_set, per_atom=not cfg.model.lattice_first)
     model.lattice.mean.copy_(mean)
     model.lattice.std.copy_(std)

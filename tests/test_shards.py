@@ -126,3 +126,35 @@ def test_workers_0_draws_every_shard_here(tmp_path):
 
     write_shards(draw, 5, tmp_path, shard_size=2, seed=3, settings={}, workers=0, log=print)
     assert seeds == [shard_seed(3, k) for k in range(3)]
+
+
+def test_rows_written_by_workers_equal_rows_written_here(tmp_path):
+    """A GPU run draws here and has worker processes make and write the rows: the same files
+    as writing them here, and a shard whose rows cannot be made is reported without stopping
+    the others."""
+    from crystal_gpt.model.checkpoints import load_model
+    from crystal_gpt.sampling.sampler import sample_crystals
+    from crystal_gpt.sampling.shards import write_shards
+
+    model = load_model("mp_20")
+    broken = {shard_seed(4, 1)}
+
+    def draw(count, seed):
+        crystals = sample_crystals(model, count, seed=seed, symprec=None, min_distance=0)
+        short = seed in broken  # a log-likelihood missing: that shard's rows cannot be made
+        return crystals, {"total": [float(k) for k in range(count - short)]}
+
+    kw = dict(shard_size=3, seed=4, settings={}, workers=0, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"1 of 3 shards failed \(shard 1: IndexError"):
+        write_shards(draw, 8, tmp_path / "there", record_workers=2, **kw)
+    assert sorted(p.name for p in (tmp_path / "there").glob("*.parquet")) == [
+        "part-00000.parquet",
+        "part-00002.parquet",
+    ]
+    broken.clear()
+    write_shards(draw, 8, tmp_path / "here", **kw)
+    for k in (0, 2):
+        name = f"part-{k:05d}.parquet"
+        there = pq.read_table(tmp_path / "there" / name)
+        assert there.num_rows == (3 if k == 0 else 2)
+        assert there.equals(pq.read_table(tmp_path / "here" / name))

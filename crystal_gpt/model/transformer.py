@@ -105,6 +105,8 @@ class CrystalGPT(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or ModelConfig()
+        # a run-time choice, not part of the model: bf16 for the blocks when training on a GPU
+        self.autocast_dtype: torch.dtype | None = None
         d = c.d_model
         self.sym = SymmetryTensors()
         L1 = self.sym.max_letters + 1
@@ -290,11 +292,17 @@ class CrystalGPT(nn.Module):
         return self.lattice_context(start[:, 0], g)
 
     def backbone(self, h: Tensor, caches: list[dict] | None = None, offset: int = 0) -> Tensor:
+        """The transformer blocks. With ``autocast_dtype`` (bf16 training) only these run in
+        reduced precision: the heads, the von Mises densities (a mean off by bf16's 1/128 is
+        far outside a sharp peak) and the lattice flow see float32 states."""
         T = h.shape[1]
         h = h + self.emb_pos(torch.arange(offset, offset + T, device=h.device))
-        for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i])
-        return self.ln_f(h)
+        dtype = self.autocast_dtype
+        with torch.autocast(h.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for i, block in enumerate(self.blocks):
+                h = block(h, None if caches is None else caches[i])
+            h = self.ln_f(h)
+        return h.float()
 
     # ---------------------------------------------------------------- per-part terms
     def g_logits(self, cond: Tensor | None, guide: tuple[Tensor, float] | None = None) -> Tensor:

@@ -90,6 +90,7 @@ def write_shards(
     settings: dict[str, Any],
     resume: bool = False,
     workers: int | None = None,
+    record_workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Draw ``n`` crystals into ``out_dir/part-00000.parquet`` ...; ``draw(count, seed)`` gives a
@@ -97,8 +98,10 @@ def write_shards(
     a run with the same settings are kept. Several shards are drawn at once, one per worker
     (``workers``: default all cores; 0: all in this process, e.g. for a model on a GPU, which
     cannot cross a fork) of the executor (``utils.use_executor``): ``draw`` should then keep to
-    one core. Returns counts and times."""
-    pa, pq = _pyarrow()
+    one core. With ``workers=0`` and ``record_workers`` > 0, each drawn shard's rows (structures,
+    CIF text) are made and written by that many worker processes while this process draws the
+    next: a GPU draws faster than one core writes. Returns counts and times."""
+    _pyarrow()  # missing: say so before any drawing
     sizes = shard_sizes(n, shard_size)
     run = {"n": n, "shard_size": shard_size, "seed": seed, **settings}
     out = Path(out_dir)
@@ -125,7 +128,9 @@ def write_shards(
             todo.append((k, size, shard_seed(seed, k), k * shard_size))
     done = 0
     job = functools.partial(_shard_rows, draw)
-    if workers != 0 and (len(sizes) > 1 or executor_kind() == "ray"):
+    if workers == 0 and record_workers > 0 and len(todo) > 1:
+        finished = _drawn_here_written_there(draw, todo, out, record_workers)
+    elif workers != 0 and (len(sizes) > 1 or executor_kind() == "ray"):
         # a shard per worker (one core each), written here as they come back; a run of one
         # shard is drawn here, where the sampler's own check pool uses the cores. Decided by
         # the run, not by the shards left: a resumed shard is drawn as the others were (one
@@ -141,8 +146,8 @@ def write_shards(
             log(f"shard {k + 1}/{len(sizes)} failed: {rows.reason}")
             continue
         path = out / SHARD_NAME.format(k)
-        with atomic_path(path, ".parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+        if rows is not None:  # None: a record worker wrote it
+            _write_table(rows, path)
         done += size
         dt = time.perf_counter() - t0
         log(
@@ -156,6 +161,51 @@ def write_shards(
         )
     dt = time.perf_counter() - t0
     return {"shards": len(sizes), "written": done, "kept": skipped, "seconds": dt}
+
+
+def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    pa, pq = _pyarrow()
+    with atomic_path(path, ".parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+
+
+def _write_records(
+    crystals: list[WyckoffCrystal], loglik: dict[str, list[float]], start: int, path: Path
+) -> None:
+    _write_table(crystal_records(crystals, loglik, start), path)
+
+
+def _drawn_here_written_there(
+    draw: Callable, todo: list[tuple[int, int, int, int]], out: Path, workers: int
+):
+    """Yield (job number, None) as shards are written: drawn in this process one after the
+    other, their rows made and written by ``workers`` processes meanwhile (at most two shards
+    per worker wait, so memory stays bounded). A failed write is yielded as a JobFailure."""
+    from crystal_gpt.utils import process_pool
+
+    pool = process_pool(workers)
+    pending: list[tuple[int, Any]] = []
+
+    def settle(entry: tuple[int, Any]):
+        i, handle = entry
+        try:
+            handle.get()
+        except Exception as err:  # recorded; the run goes on with the others
+            return i, JobFailure(f"{type(err).__name__}: {err}")
+        return i, None
+
+    try:
+        for i, (k, size, seed, start) in enumerate(todo):
+            crystals, loglik = draw(size, seed)
+            path = out / SHARD_NAME.format(k)
+            pending.append((i, pool.apply_async(_write_records, (crystals, loglik, start, path))))
+            while len(pending) > 2 * workers or (pending and pending[0][1].ready()):
+                yield settle(pending.pop(0))
+        while pending:
+            yield settle(pending.pop(0))
+    finally:
+        pool.close()
+        pool.join()
 
 
 def _shard_rows(draw: Callable, job: tuple[int, int, int, int]) -> list[dict[str, Any]]:
