@@ -179,3 +179,29 @@ def test_fallback_is_reported(monkeypatch):
     assert StructureMatcher().fit(decode(wc), wurtzite())
     with pytest.raises(EncodingError, match="symmetry analysis failed"):
         encode(wurtzite(), fallback=False)
+
+
+def test_impossible_angles_are_refused_not_clipped():
+    """Angles no cell has (alpha + beta < gamma) are refused; pymatgen's from_parameters
+    would clip them to a flat cell with other angles. expand gives decode's arrays."""
+    import dataclasses
+
+    from crystal_gpt.data.codec import cell_problem, crystal_problem, decode, encode, expand
+
+    assert cell_problem(np.array([5, 5, 5, 100, 100, 170.0])) is not None
+    assert cell_problem(np.array([5, 6, 7, 80, 95, 110.0])) is None
+    assert "invalid lattice" in cell_problem(np.array([5, -1, 7, 90, 90, 90.0]))
+    s = Structure(
+        Lattice.from_parameters(5, 6, 7, 80, 95, 110), ["Na", "Cl"], [[0, 0, 0], [0.3, 0.6, 0.2]]
+    )
+    wc = encode(s)
+    matrix, frac, numbers = expand(wc)
+    back = decode(wc)
+    assert np.allclose(back.lattice.matrix, matrix) and np.allclose(back.frac_coords, frac)
+    assert [sp.Z for sp in back.species] == numbers.tolist()
+    assert crystal_problem(wc) is None
+    assert len(wc.lattice) == 6  # triclinic: every parameter free
+    wc = dataclasses.replace(wc, lattice=np.array([5, 5, 5, 100, 100, 170.0]))
+    assert "no valid cell" in crystal_problem(wc)
+    with pytest.raises(ValueError, match="no valid cell"):
+        decode(wc)

@@ -631,25 +631,57 @@ def site_order(wyckoff: np.ndarray, species: np.ndarray, coords: np.ndarray) -> 
     return np.array(sorted(range(len(wyckoff)), key=functools.cmp_to_key(compare)), dtype=int)
 
 
-def decode(crystal: WyckoffCrystal) -> Structure:
-    """WyckoffCrystal -> conventional-cell Structure, every site expanded to its full orbit."""
+def cell_problem(params: np.ndarray) -> str | None:
+    """Why lattice parameters (a, b, c, alpha, beta, gamma) make no cell, or None. The angles
+    must be realisable: pymatgen's ``Lattice.from_parameters`` clips an impossible triple to a
+    cell with other angles instead of refusing it."""
+    params = np.asarray(params, dtype=float)
+    if not np.all(np.isfinite(params)) or np.any(params[:3] <= 0):
+        return f"invalid lattice parameters {params.tolist()}"
+    cos = np.cos(np.radians(params[3:]))
+    gram = 1.0 - (cos**2).sum() + 2.0 * cos.prod()  # (V / abc)^2
+    if np.any(params[3:] <= 0) or np.any(params[3:] >= 180) or not gram > 0:
+        return f"lattice parameters {params.tolist()} give no valid cell"
+    return None
+
+
+def crystal_problem(crystal: WyckoffCrystal) -> str | None:
+    """Why a WyckoffCrystal describes no structure (a letter its group lacks, an element that
+    does not exist, no cell), or None: ``expand``'s checks, without expanding."""
+    g = crystal.spacegroup
+    n_letters = int(get_tables().num_letters[g])
+    if np.any(crystal.wyckoff < 0) or np.any(crystal.wyckoff >= n_letters):
+        return f"Wyckoff index out of range for space group {g} ({n_letters} positions)"
+    bad = crystal.species[(crystal.species < 1) | (crystal.species > 118)]
+    if len(bad):
+        return f"invalid atomic number {int(bad[0])}"
+    return cell_problem(crystal.lattice_parameters)
+
+
+def expand(crystal: WyckoffCrystal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """WyckoffCrystal -> (lattice matrix (3, 3), fractional coordinates (N, 3), atomic numbers
+    (N,)) of the conventional cell, every site expanded to its full orbit: the arrays that
+    ``decode`` and spglib take, without building pymatgen objects. Raises ValueError for a
+    crystal that describes no structure."""
+    problem = crystal_problem(crystal)
+    if problem:
+        raise ValueError(problem)
     tables = get_tables()
     g = crystal.spacegroup
-    n_letters = int(tables.num_letters[g])
-    if np.any(crystal.wyckoff < 0) or np.any(crystal.wyckoff >= n_letters):
-        raise ValueError(f"Wyckoff index out of range for space group {g} ({n_letters} positions)")
     params = crystal.lattice_parameters
-    if not np.all(np.isfinite(params)) or np.any(params[:3] <= 0):
-        raise ValueError(f"invalid lattice parameters {params.tolist()}")
-    lattice = Lattice.from_parameters(*params)
-    if not lattice.volume > 0 or not np.isfinite(lattice.volume):
+    matrix = Lattice.from_parameters(*params).matrix
+    if not np.linalg.det(matrix) > 0:
         raise ValueError(f"lattice parameters {params.tolist()} give no valid cell")
-    species: list[int] = []
+    numbers: list[int] = []
     frac: list[np.ndarray] = []
     for w, z, rep in zip(crystal.wyckoff, crystal.species, crystal.coords, strict=True):
-        if not 1 <= int(z) <= 118:
-            raise ValueError(f"invalid atomic number {int(z)}")
         orbit = tables.orbit(g, int(w), tables.project(g, int(w), rep))
-        species.extend([int(z)] * len(orbit))
+        numbers.extend([int(z)] * len(orbit))
         frac.append(orbit)
-    return Structure(lattice, species, np.concatenate(frac), coords_are_cartesian=False)
+    return matrix, np.concatenate(frac), np.asarray(numbers, dtype=int)
+
+
+def decode(crystal: WyckoffCrystal) -> Structure:
+    """WyckoffCrystal -> conventional-cell Structure, every site expanded to its full orbit."""
+    matrix, frac, numbers = expand(crystal)
+    return Structure(Lattice(matrix), numbers.tolist(), frac, coords_are_cartesian=False)

@@ -21,7 +21,8 @@ from torch import Tensor
 from crystal_gpt.data.codec import (
     DEFAULT_SYMPREC,
     WyckoffCrystal,
-    decode,
+    crystal_problem,
+    expand,
     reduce_lattice_parameters,
 )
 from crystal_gpt.data.symmetry import (
@@ -536,13 +537,13 @@ def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
 
     import spglib
 
+    if symprec is None:
+        problem = crystal_problem(crystal)
+        return None if problem is None else f"impossible cell: {problem}"
     try:
-        s = decode(crystal)
+        cell = expand(crystal)
     except ValueError as err:
         return f"impossible cell: {err}"
-    if symprec is None:
-        return None
-    cell = (s.lattice.matrix, s.frac_coords, [sp.Z for sp in s.species])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -567,7 +568,7 @@ class _Checker:
         from crystal_gpt.utils import process_pool
 
         self.symprec = symprec
-        if workers is None:  # without spglib the check is a decode: cheaper than shipping it
+        if workers is None:  # without spglib the check is a cell check: cheaper than shipping it
             big = n >= _POOL_MIN and symprec is not None
             workers = (os.cpu_count() or 1) - 1 if big else 0
         self.pool = process_pool(workers) if workers > 0 else None
