@@ -70,6 +70,8 @@ def test_shards_read_back_exactly(tmp_path):
 def test_bad_shard_requests(tmp_path, capsys):
     assert _run(tmp_path / "a", "-n", "5", "--shard-size", "0") == 2
     assert "--shard-size" in capsys.readouterr().err
+    assert _run(tmp_path / "a", "-n", "5", "--batch-size", "0") == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
     assert cli_main(["sample", *FAST, "-n", "2", "--resume", "--out", str(tmp_path / "b")]) == 2
     assert "--resume applies to --format parquet" in capsys.readouterr().err
     (tmp_path / "junk.parquet").write_text("not parquet")
