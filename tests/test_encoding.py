@@ -100,3 +100,11 @@ def test_cli_data_info(small_csv, capsys):
     with pytest.raises(SystemExit):
         cli_main(["data", "--help"])
     assert "info" in capsys.readouterr().out
+
+
+def test_a_splits_failed_rows_stay_with_the_split(small_csv):
+    """A user CSV split into train / holdout: the row that failed to encode is reported by the
+    split it belongs to (selecting a split's crystals must not drop its errors)."""
+    parts = [encode_dataset(str(small_csv), s, progress=False) for s in ("train", "holdout")]
+    assert sum(len(p) for p in parts) == 40
+    assert [e.id for p in parts for e in p.errors] == ["mp-broken"]

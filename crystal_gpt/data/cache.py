@@ -321,9 +321,10 @@ def encode_dataset(
     parts = []
     for path, rows in sources:
         ds = encode_file(path, **kwargs)  # type: ignore[arg-type]
-        if rows is not None:
+        if rows is not None:  # the split's rows, and the split's failed rows
+            errors = ds.errors
+            kept = keep_rows([e.row for e in errors], [e.id for e in errors], rows)
             ds = ds.select(np.nonzero(keep_rows(ds.rows, ds.ids, rows))[0])
-            kept = keep_rows([e.row for e in ds.errors], [e.id for e in ds.errors], rows)
-            ds.errors = [e for e, k in zip(ds.errors, kept, strict=True) if k]
+            ds.errors = [e for e, k in zip(errors, kept, strict=True) if k]
         parts.append(ds)
     return EncodedDataset.concatenate(parts)
