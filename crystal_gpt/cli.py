@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -185,7 +186,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.sampling.output import prepare_sample_folder, write_samples
-    from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.training import pick_device
 
     if args.n < 1:
@@ -215,50 +215,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
 
+    from crystal_gpt.sampling.shards import SampleDraw
+
     steering = _steering(args)
-
-    def draw(n: int, seed: int | None, progress: bool = True, check_workers: int | None = None):
-        if steering is not None:
-            from crystal_gpt.sampling.steering import steer
-
-            predictor, target = steering
-            crystals, record = steer(
-                model, predictor, n, target, width=args.steer_width,
-                oversample=args.oversample, seed=seed, progress=progress,
-                check_workers=check_workers, **options,
-            )  # fmt: skip
-            print(
-                f"steered toward {record['property']} = {target:g} (width {args.steer_width:g}):"
-                f" {record['pool']} drawn, effective sample size "
-                f"{record['effective_sample_size']:.0f}; mean prediction "
-                f"{record['pool_mean_prediction']:.3f} -> {record['kept_mean_prediction']:.3f}",
-                file=sys.stderr,
-            )
-        else:
-            crystals = sample_crystals(
-                model, n, seed=seed, progress=progress, check_workers=check_workers, **options
-            )
-        lp = model.crystal_log_prob(crystals, conditions=options["conditions"])
-        return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
+    predictor = steer_spec = None
+    if steering is not None:
+        predictor, target = steering
+        steer_spec = (args.predictor or f"mp_20_{predictor.config.target}", target)
+    draw = SampleDraw(
+        str(args.model), str(device), options, steer_spec, args.steer_width, args.oversample
+    )
+    draw.keep(model, predictor)  # loaded here once; spawned drawing processes load their own
 
     if args.format == "parquet":
         from crystal_gpt.sampling.shards import write_shards
 
         settings = {"model": str(args.model), **{k: str(v) for k, v in options.items()}}
-        # several shards at once, one per core, each checking its own symmetry; on a GPU all
-        # drawn in this process (CUDA does not cross a fork, and the GPU is the parallelism)
-        # while worker processes make and write the rows of the shards drawn before
-        parallel = args.n > args.shard_size and not on_gpu
+        if args.gpu_processes < 1:
+            raise ValueError(f"--gpu-processes must be at least 1, got {args.gpu_processes}")
+        # several shards at once, one per core, each checking its own symmetry. On a GPU: one
+        # drawing process (this one) while worker processes make and write the rows of the
+        # shards drawn before, or --gpu-processes processes started fresh (CUDA does not cross
+        # a fork), each with the model on the GPU, drawing and writing shards
+        parallel = args.n > args.shard_size and (not on_gpu or args.gpu_processes > 1)
+        cores = os.cpu_count() or 1
         done = write_shards(
-            lambda n, seed: draw(n, seed, False, 0 if parallel else None),
+            functools.partial(draw, progress=False, check_workers=0 if parallel else None),
             args.n,
             args.out,
             shard_size=args.shard_size,
             seed=0 if args.seed is None else args.seed,
             settings=settings,
             resume=args.resume,
-            workers=0 if on_gpu else None,
-            record_workers=max((os.cpu_count() or 1) - 1, 1) if on_gpu else 0,
+            workers=(args.gpu_processes if args.gpu_processes > 1 else 0) if on_gpu else None,
+            record_workers=max(cores - 1, 1) if on_gpu and args.gpu_processes == 1 else 0,
+            start_method="spawn" if on_gpu else None,
         )
         print(
             f"{args.n} crystals in {done['shards']} shards -> {args.out}/part-*.parquet "
@@ -880,6 +871,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sa.add_argument("--seed", type=int, help="for reproducible samples")
     sa.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
+    sa.add_argument(
+        "--gpu-processes",
+        type=int,
+        default=1,
+        help="parquet on a GPU: processes drawing shards at once, each with the model on the "
+        "GPU (default 1: this process draws, the other cores write the rows); the sampler's "
+        "host work, not the GPU, bounds one process",
+    )
     sa.add_argument(
         "--batch-size",
         type=int,

@@ -172,10 +172,13 @@ def _run_job(fn: Callable, job: Any) -> tuple[bool, Any]:
         return False, f"{type(err).__name__}: {err}"[:500]
 
 
-def _serve(conn, fn: Callable) -> None:
-    """Worker loop: one job at a time from the pipe, its result (or error) back."""
+def _serve(conn, fn: Callable, fresh: bool = False) -> None:
+    """Worker loop: one job at a time from the pipe, its result (or error) back. ``fresh``:
+    a spawned worker, whose torch (imported now) would otherwise take every core."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if fresh:
+        import torch  # noqa: F401 - for _one_torch_thread
     _one_torch_thread()
     while True:
         try:
@@ -188,25 +191,32 @@ def _serve(conn, fn: Callable) -> None:
 
 
 def supervised_map(
-    fn: Callable, jobs: Iterable, workers: int, time_limit: float | None = None
+    fn: Callable,
+    jobs: Iterable,
+    workers: int,
+    time_limit: float | None = None,
+    start_method: str | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """``(index, fn(job))`` as jobs finish, from watched worker processes, one job each at a time.
 
     A worker that dies (killed, out of memory, a crash in C code) or spends more than
     ``time_limit`` seconds on a job is replaced, and that job alone yields a :class:`JobFailure`
     (so does a job that raises); the others go on. ``multiprocessing.Pool`` would instead wait
-    forever for the lost job and has no per-job limit.
+    forever for the lost job and has no per-job limit. ``start_method``: 'spawn' for workers
+    that must start fresh (CUDA), else fork where the OS has it.
     """
     if executor_kind() == "ray":
         yield from ray_map(fn, jobs, workers, time_limit)
         return
-    ctx = mp.get_context(_start_method())
+    method = start_method or _start_method()
+    ctx = mp.get_context(method)
     pending = deque(enumerate(jobs))
     slots: dict = {}  # pipe -> [process, (index, start time) or None]
 
     def start() -> None:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, fn))  # not daemonic: jobs may fork
+        # not daemonic: jobs may fork
+        proc = ctx.Process(target=_serve, args=(child, fn, method != "fork"))
         proc.start()
         child.close()
         slots[parent] = [proc, None]

@@ -72,6 +72,8 @@ def test_bad_shard_requests(tmp_path, capsys):
     assert "--shard-size" in capsys.readouterr().err
     assert _run(tmp_path / "a", "-n", "5", "--batch-size", "0") == 2
     assert "--batch-size must be at least 1" in capsys.readouterr().err
+    assert _run(tmp_path / "a", "-n", "5", "--gpu-processes", "0") == 2
+    assert "--gpu-processes must be at least 1" in capsys.readouterr().err
     assert cli_main(["sample", *FAST, "-n", "2", "--resume", "--out", str(tmp_path / "b")]) == 2
     assert "--resume applies to --format parquet" in capsys.readouterr().err
     (tmp_path / "junk.parquet").write_text("not parquet")
@@ -160,3 +162,24 @@ def test_rows_written_by_workers_equal_rows_written_here(tmp_path):
         there = pq.read_table(tmp_path / "there" / name)
         assert there.num_rows == (3 if k == 0 else 2)
         assert there.equals(pq.read_table(tmp_path / "here" / name))
+
+
+def test_processes_started_fresh_draw_what_forked_ones_draw(tmp_path):
+    """--gpu-processes: drawing processes are spawned (CUDA cannot cross a fork) and load the
+    model themselves from the picklable SampleDraw; the shards equal forked workers' ones."""
+    import functools
+    import pickle
+
+    from crystal_gpt.sampling.shards import SampleDraw, write_shards
+
+    options = dict(batch_size=500, symprec=None, min_distance=0)
+    draw = SampleDraw("mp_20", "cpu", options)
+    assert len(pickle.dumps(draw)) < 10_000  # the model does not travel
+    job = functools.partial(draw, progress=False, check_workers=0)
+    kw = dict(shard_size=3, seed=7, settings={}, workers=2, log=lambda _: None)
+    write_shards(job, 6, tmp_path / "spawned", start_method="spawn", **kw)
+    write_shards(job, 6, tmp_path / "forked", **kw)
+    for k in range(2):
+        name = f"part-{k:05d}.parquet"
+        spawned = pq.read_table(tmp_path / "spawned" / name)
+        assert spawned.num_rows == 3 and spawned.equals(pq.read_table(tmp_path / "forked" / name))

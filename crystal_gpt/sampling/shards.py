@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,73 @@ def crystal_records(
     return rows
 
 
+_LOADED: dict[tuple, Any] = {}  # per process: models and predictors a SampleDraw loaded
+
+
+@dataclass
+class SampleDraw:
+    """``draw(n, seed)`` -> (crystals, log-likelihood parts) of a ``crystal-gpt sample`` run,
+    as data: it pickles without the model, so processes started fresh (a model on a GPU cannot
+    cross a fork) load the model themselves, once each. ``steer`` = (predictor name or path,
+    target) draws by importance resampling (``sampling.steering``)."""
+
+    model: str
+    device: str
+    options: dict[str, Any]
+    steer: tuple[str, float] | None = None
+    steer_width: float = 0.5
+    oversample: int = 8
+
+    def keep(self, model, predictor=None) -> None:
+        """Use these, already loaded in this process, instead of loading them again."""
+        _LOADED[("model", self.model, self.device)] = model
+        if predictor is not None and self.steer is not None:
+            _LOADED[("predictor", self.steer[0], self.device)] = predictor
+
+    def loaded(self, kind: str, ref: str):
+        key = (kind, ref, self.device)
+        if key not in _LOADED:
+            if kind == "model":
+                from crystal_gpt.model.checkpoints import load_model
+
+                _LOADED[key] = load_model(ref, self.device)
+            else:
+                from crystal_gpt.model.predictor import load_predictor
+
+                _LOADED[key] = load_predictor(ref).to(self.device)
+        return _LOADED[key]
+
+    def __call__(
+        self, n: int, seed: int | None, progress: bool = True, check_workers: int | None = None
+    ) -> tuple[list[WyckoffCrystal], dict[str, list[float]]]:
+        from crystal_gpt.sampling.sampler import sample_crystals
+
+        model = self.loaded("model", self.model)
+        if self.steer is not None:
+            from crystal_gpt.sampling.steering import steer
+
+            predictor = self.loaded("predictor", self.steer[0])
+            crystals, record = steer(
+                model, predictor, n, self.steer[1], width=self.steer_width,
+                oversample=self.oversample, seed=seed, progress=progress,
+                check_workers=check_workers, **self.options,
+            )  # fmt: skip
+            print(
+                f"steered toward {record['property']} = {self.steer[1]:g} (width "
+                f"{self.steer_width:g}): {record['pool']} drawn, effective sample size "
+                f"{record['effective_sample_size']:.0f}; mean prediction "
+                f"{record['pool_mean_prediction']:.3f} -> {record['kept_mean_prediction']:.3f}",
+                file=sys.stderr,
+            )
+        else:
+            crystals = sample_crystals(
+                model, n, seed=seed, progress=progress, check_workers=check_workers,
+                **self.options,
+            )  # fmt: skip
+        lp = model.crystal_log_prob(crystals, conditions=self.options.get("conditions"))
+        return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
+
+
 def _differing_settings(old: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -91,6 +160,7 @@ def write_shards(
     resume: bool = False,
     workers: int | None = None,
     record_workers: int = 0,
+    start_method: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Draw ``n`` crystals into ``out_dir/part-00000.parquet`` ...; ``draw(count, seed)`` gives a
@@ -100,7 +170,9 @@ def write_shards(
     cannot cross a fork) of the executor (``utils.use_executor``): ``draw`` should then keep to
     one core. With ``workers=0`` and ``record_workers`` > 0, each drawn shard's rows (structures,
     CIF text) are made and written by that many worker processes while this process draws the
-    next: a GPU draws faster than one core writes. Returns counts and times."""
+    next: a GPU draws faster than one core writes. ``start_method='spawn'`` starts the
+    workers fresh (``draw`` must then pickle, like :class:`SampleDraw`): several processes
+    drawing on one GPU. Returns counts and times."""
     _pyarrow()  # missing: say so before any drawing
     sizes = shard_sizes(n, shard_size)
     run = {"n": n, "shard_size": shard_size, "seed": seed, **settings}
@@ -135,7 +207,8 @@ def write_shards(
         # shard is drawn here, where the sampler's own check pool uses the cores. Decided by
         # the run, not by the shards left: a resumed shard is drawn as the others were (one
         # torch thread; more threads round differently)
-        finished = supervised_map(job, todo, min(workers or os.cpu_count() or 1, len(todo)))
+        count = min(workers or os.cpu_count() or 1, len(todo))
+        finished = supervised_map(job, todo, count, start_method=start_method)
     else:
         finished = ((i, job(item)) for i, item in enumerate(todo))
     failed = []
