@@ -113,3 +113,28 @@ def test_cli_symmetry_check_can_be_skipped(tmp_path):
         with open(out / "summary.csv") as f:
             redraws[bool(flag)] = sum(int(r["redraws"]) for r in csv.DictReader(f))
     assert redraws[False] > 0 and redraws[True] == 0
+
+
+def test_the_symmetry_check_agrees_with_spglib(model, monkeypatch):
+    """The sampler's check (moyopy where installed) gives spglib's space group on sampled
+    crystals, unchecked ones included (where higher symmetries occur), and uses spglib alone
+    when moyopy is missing."""
+    import sys
+
+    from crystal_gpt.data.codec import expand
+    from crystal_gpt.data.symmetry import space_group_number
+
+    raw = sample_crystals(model, 80, seed=3, symprec=None)
+    raw += sample_crystals(model, 40, spacegroup=225, elements=["Na", "Cl"], seed=0, symprec=None)
+    found = [space_group_number(expand(c), 0.01) for c in raw]
+
+    def by_spglib(c):  # None where spglib finds nothing (atoms on top of each other)
+        ds = spglib.get_symmetry_dataset(expand(c), symprec=0.01)
+        return None if ds is None else int(ds.number)
+
+    assert found == [by_spglib(c) for c in raw]
+    # the test has power: higher symmetries, and atoms on top of each other (no group)
+    assert any(f not in (None, c.spacegroup) for f, c in zip(found, raw, strict=True))
+    assert None in found
+    monkeypatch.setitem(sys.modules, "moyopy", None)  # import fails: spglib
+    assert [space_group_number(expand(c), 0.01) for c in raw[:20]] == found[:20]

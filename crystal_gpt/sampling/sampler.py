@@ -30,6 +30,7 @@ from crystal_gpt.data.symmetry import (
     check_spacegroup,
     get_tables,
     lowest_next_element,
+    space_group_number,
 )
 from crystal_gpt.model.distributions import (
     NUM_ELEMENTS,
@@ -223,13 +224,13 @@ def sample_crystals(
     ``ConstraintError`` before sampling. ``chemsys`` ('Li-Fe-P-O' or a list) asks for exactly
     those elements, each present: the end of the sequence is masked until all are placed.
 
-    Samples are what was asked for: a crystal whose symmetry by spglib (``symprec``; None: no
-    check) is higher than its sampled group, or whose cell is impossible, is redrawn, as is a
-    chemical system that runs out of room; ``meta['redraws']`` counts the draws each crystal
-    replaced (``max_redraws`` per crystal, then an error). By default only elements seen in
-    the model's training data and atom counts within its training range are sampled;
-    ``allow_unseen=True`` lifts that, and explicit requests outside it are kept with a
-    warning.
+    Samples are what was asked for: a crystal whose symmetry (moyopy or spglib at
+    ``symprec``; None: no check) is higher than its sampled group, or whose cell is impossible,
+    is redrawn, as is a chemical system that runs out of room; ``meta['redraws']`` counts the
+    draws each crystal replaced (``max_redraws`` per crystal, then an error). By default only
+    elements seen in the model's training data and atom counts within its training range are
+    sampled; ``allow_unseen=True`` lifts that, and explicit requests outside it are kept with
+    a warning.
 
     Distance rule (``sampling.placement``): no two atoms closer than ``min_distance`` ("auto":
     0.8 of the shortest distance of that element pair in the model's training data; a number:
@@ -532,11 +533,7 @@ def _training_range(model, allowed_a, elements, composition, num_atoms, template
 
 def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
     """Why a sampled crystal is not what was asked for, or None: an impossible cell, or a
-    symmetry (spglib at symprec) other than the sampled group."""
-    import warnings
-
-    import spglib
-
+    symmetry (at symprec; ``data.symmetry.space_group_number``) other than the sampled group."""
     if symprec is None:
         problem = crystal_problem(crystal)
         return None if problem is None else f"impossible cell: {problem}"
@@ -544,16 +541,11 @@ def _reject(crystal: WyckoffCrystal, symprec: float | None) -> str | None:
         cell = expand(crystal)
     except ValueError as err:
         return f"impossible cell: {err}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            found = spglib.get_symmetry_dataset(cell, symprec=symprec)
-        except spglib.error.SpglibError:
-            found = None
+    found = space_group_number(cell, symprec)
     if found is None:
-        return "spglib found no symmetry"
-    if int(found.number) != crystal.spacegroup:
-        return f"symmetry {int(found.number)} instead of the sampled {crystal.spacegroup}"
+        return "no symmetry found"
+    if found != crystal.spacegroup:
+        return f"symmetry {found} instead of the sampled {crystal.spacegroup}"
     return None
 
 
