@@ -181,6 +181,16 @@ class WyckoffTables:
         return wrap01(np.einsum("kij,j->ki", rot, representative) + trans)
 
 
+@functools.cache
+def _moyopy():
+    """The moyopy module, or None where it is not installed (looked up once)."""
+    try:
+        import moyopy
+    except ImportError:
+        return None
+    return moyopy
+
+
 def space_group_number(
     cell: tuple[np.ndarray, np.ndarray, np.ndarray], symprec: float
 ) -> int | None:
@@ -192,10 +202,7 @@ def space_group_number(
     in spglib (which merges a few such pairs of different elements; moyo would merge all)."""
     import warnings
 
-    try:
-        import moyopy
-    except ImportError:
-        moyopy = None
+    moyopy = _moyopy()
     matrix, frac, numbers = cell
     if moyopy is not None:
         # spglib finds nothing when two atoms are within symprec; moyo would merge them

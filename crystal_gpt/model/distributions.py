@@ -40,11 +40,17 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ---------------------------------------------------------------- coordinates
+def _mixture_parameters(params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """params (..., 3K) -> mixture logits, means, concentrations (softplus + 1e-3): the one
+    reading of the coordinate heads' output, for the density and the draw alike."""
+    logits, mu, raw_kappa = params.chunk(3, dim=-1)
+    return logits, mu, F.softplus(raw_kappa) + 1e-3
+
+
 def von_mises_mixture(params: Tensor) -> MixtureSameFamily:
     """The coordinate distribution: a mixture of von Mises over the angle 2 pi x; params
     (..., 3K) are mixture logits, means and raw concentrations (softplus + 1e-3)."""
-    logits, mu, raw_kappa = params.chunk(3, dim=-1)
-    kappa = F.softplus(raw_kappa) + 1e-3
+    logits, mu, kappa = _mixture_parameters(params)
     return MixtureSameFamily(
         Categorical(logits=logits), VonMises(mu, kappa, validate_args=False), validate_args=False
     )
@@ -56,8 +62,7 @@ def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
     written with the scaled Bessel function (log I0(k) = log i0e(k) + k: one kernel, exact
     for any kappa) instead of ``VonMises.log_prob``'s polynomial pieces (~40 small operations
     per call, which bound a GPU training step)."""
-    logits, mu, raw_kappa = params.chunk(3, dim=-1)
-    kappa = F.softplus(raw_kappa) + 1e-3
+    logits, mu, kappa = _mixture_parameters(params)
     theta = (2 * math.pi * x).unsqueeze(-1)
     comp = kappa * (torch.cos(theta - mu) - 1.0) - torch.log(torch.special.i0e(kappa))
     return torch.logsumexp(F.log_softmax(logits, dim=-1) + comp, dim=-1)
