@@ -396,11 +396,13 @@ def cmd_evaluate_conditions(args: argparse.Namespace) -> int:
     model = load_model(args.model, pick_device(args.device))
     from crystal_gpt.model.predictor import load_predictor
 
+    # the model's own training data: novelty is against it, predictors default to its name
+    dataset = args.dataset or (getattr(model, "meta", None) or {}).get("dataset") or "mp_20"
     predictor = steer_with = None
     if args.predictor or args.property not in ("formation_energy_per_atom", "e_above_hull"):
-        predictor = load_predictor(args.predictor or f"mp_20_{args.property}")
+        predictor = load_predictor(args.predictor or f"{dataset}_{args.property}")
     if args.steer:
-        steer_with = load_predictor(args.steer_predictor or f"mp_20_{args.property}")
+        steer_with = load_predictor(args.steer_predictor or f"{dataset}_{args.property}")
     result = evaluate_conditioning(
         model,
         args.property,
@@ -413,8 +415,14 @@ def cmd_evaluate_conditions(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         seed=args.seed,
         workers=args.workers or 1,
+        training_dataset=None if args.no_novelty else dataset,
         description=f"model {args.model}; {args.n} samples per row (seed {args.seed} + row "
-        "index); novelty against the mp_20 training crystals",
+        "index); "
+        + (
+            "novelty not measured"
+            if args.no_novelty
+            else f"novelty against the {dataset} training crystals"
+        ),
         out_dir=args.out,
         min_distance=_parse_min_distance(args.min_distance),
         steer_with=steer_with,
@@ -949,7 +957,14 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument(
         "--guidance", default="1", help="guidance scale(s), comma-separated (default 1)"
     )
-    ec.add_argument("--predictor", help="predictor for the property (default mp_20_<property>)")
+    ec.add_argument(
+        "--dataset",
+        help="the model's training data (default: recorded in the model; mp_20): novelty is "
+        "measured against it, and predictors default to <dataset>_<property>",
+    )
+    ec.add_argument(
+        "--predictor", help="predictor file or bundled name (default <dataset>_<property>)"
+    )
     ec.add_argument(
         "--relax-steps", type=int, default=0, help="CHGNet relaxation steps before the "
         "energy (default 0: the generated geometry; e_above_hull needs > 0)",
@@ -959,10 +974,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--steer", action="store_true", help="steer an unconditional model with a predictor "
         "(importance resampling) instead of conditioning; its rows are reported as 'steered'",
     )  # fmt: skip
-    ec.add_argument("--steer-predictor", help="predictor to steer with (default mp_20_<property>)")
+    ec.add_argument(
+        "--steer-predictor", help="predictor to steer with (default <dataset>_<property>)"
+    )
     ec.add_argument("--steer-width", type=float, default=0.5, help="Gaussian width (0.5)")
     ec.add_argument("--oversample", type=int, default=8, help="drawn per kept crystal (8)")
     ec.add_argument("--no-baseline", action="store_true", help="skip the unconditional row")
+    ec.add_argument(
+        "--no-novelty",
+        action="store_true",
+        help="skip matching against the training crystals (slow for one-element datasets)",
+    )
     ec.add_argument("--min-distance", default="auto", help="the sampler's distance rule")
     ec.add_argument("--seed", type=int, default=0, help="seed of the first row (default 0)")
     ec.add_argument("--workers", type=int, help="processes for CHGNet and matching")

@@ -145,3 +145,31 @@ def load_model_state(name, into):
                 "pair_min_distance"):  # fmt: skip
         state[key] = src[key]
     return state
+
+
+def test_cli_evaluate_conditions_follows_the_models_dataset(tmp_path, predictor_run, monkeypatch):
+    """A carbon_24 model is measured against carbon_24's training crystals, and its default
+    predictor is carbon_24_<property>, not mp_20's (the evaluation itself is tested above)."""
+    import crystal_gpt.evaluation.conditioning as conditioning
+
+    out, _ = predictor_run
+    seen = {}
+
+    def fake(model, prop, targets, n, **kw):
+        seen.update(kw, prop=prop)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(conditioning, "evaluate_conditioning", fake)
+    args = ["evaluate-conditions", "--model", "carbon_24", "--property", "atoms",
+            "--targets", "8", "-n", "3", "--out", str(tmp_path / "e")]  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--predictor", str(out / "best.pt")])
+    assert seen["training_dataset"] == "carbon_24" and seen["prop"] == "atoms"
+    assert "novelty against the carbon_24 training crystals" in seen["description"]
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--predictor", str(out / "best.pt"), "--no-novelty"])
+    assert seen["training_dataset"] is None
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--predictor", str(out / "best.pt"), "--dataset", "perov_5"])
+    assert seen["training_dataset"] == "perov_5"
+    assert cli_main(args) == 2  # no bundled carbon_24_atoms predictor: a one-line error
