@@ -144,13 +144,22 @@ def cmd_nll(args: argparse.Namespace) -> int:
     ds = encode_dataset(args.dataset, args.split, symprec=args.symprec, progress=not args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = evaluate_nll(
-        model,
-        PaddedCrystals(ds, model.config.max_sites, list(model.config.conditions)),
-        device=device,
-        progress=not args.quiet,
-    )
+    known = list(model.config.conditions)
+    hidden = [] if not args.hide_conditions else known if args.hide_conditions == "all" else [
+        c.strip() for c in args.hide_conditions.split(",") if c.strip()
+    ]  # fmt: skip
+    unknown = [c for c in hidden if c not in known]
+    if unknown:
+        raise ValueError(
+            f"--hide-conditions: the model has no condition {', '.join(map(repr, unknown))} "
+            f"(its conditions: {', '.join(known) or 'none'})"
+        )
+    data = PaddedCrystals(ds, model.config.max_sites, known)
+    for c in hidden:  # a missing value is a hidden condition, as in training
+        data.conditions[c] = np.full_like(data.conditions[c], np.nan)
+    res = evaluate_nll(model, data, device=device, progress=not args.quiet)
     res.update(dataset=args.dataset, split=args.split, checkpoint=str(args.checkpoint))
+    res["hidden_conditions"] = hidden
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -1175,6 +1184,11 @@ def build_parser() -> argparse.ArgumentParser:
     nl.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     nl.add_argument("--threads", type=int, help="CPU threads for torch")
     nl.add_argument("--json", action="store_true", help="print the figures as JSON")
+    nl.add_argument(
+        "--hide-conditions",
+        help="score a conditioned model with these conditions hidden (comma-separated, or "
+        "'all': the unconditional NLL); by default every condition is given its data value",
+    )
     nl.add_argument("--quiet", action="store_true", help="no progress bars")
     nl.set_defaults(func=cmd_nll)
     return ap

@@ -225,3 +225,16 @@ def test_train_sample_and_score_a_conditioned_model(tmp_path, carbon, capsys):
               "--out", str(tmp_path / "cli")])  # fmt: skip
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["model"]["conditions"] == {"energy_per_atom": 1}
+    # nll: the test crystals given their own values, or with the condition hidden
+    nll = ["nll", str(tmp_path / "run" / "best.pt"), "--dataset", "carbon_24", "--split",
+           "holdout", "--quiet", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(nll) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert cli_main([*nll, "--hide-conditions", "all"]) == 0
+    hidden = json.loads(capsys.readouterr().out)
+    assert hidden["hidden_conditions"] == ["energy_per_atom"] and given["hidden_conditions"] == []
+    assert hidden["crystals"] == given["crystals"] == 102
+    assert hidden["nll_total"] != pytest.approx(given["nll_total"], abs=1e-4)
+    assert cli_main([*nll, "--hide-conditions", "band_gap"]) == 2
+    assert "no condition 'band_gap' (its conditions: energy_per_atom)" in capsys.readouterr().err
