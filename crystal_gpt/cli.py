@@ -688,6 +688,17 @@ def cmd_models(args: argparse.Namespace) -> int:
             + (f" ({meta['note']})" if meta.get("note") else "")
             + (f"; conditions: {', '.join(meta['conditions'])}" if meta.get("conditions") else "")
         )
+    from crystal_gpt.model.predictor import list_predictors
+
+    predictors = list_predictors()
+    if predictors:
+        print("\nproperty predictors (--predictor NAME; evaluate-conditions, predict, --steer):")
+    for name, meta in predictors.items():
+        print(
+            f"{name} predicts {meta['target']} of {meta['dataset']} crystals: test MAE "
+            f"{meta['test_mae']:.3g} on {meta['test_crystals']} (the training median's: "
+            f"{meta['test_mae_of_the_training_median']:.3g})"
+        )
     return 0
 
 

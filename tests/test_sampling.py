@@ -64,7 +64,8 @@ def test_bundled_model_cli_sample_writes_readable_symmetric_cifs(tmp_path, capsy
     from crystal_gpt.cli import main as cli_main
 
     assert cli_main(["models"]) == 0
-    assert "mp_20" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "mp_20" in listing and "mp_20_band_gap predicts band_gap" in listing
     out = tmp_path / "s"
     assert (
         cli_main(["sample", "-n", "12", "--seed", "0", "--spacegroup", "cubic", "--out", str(out)])
