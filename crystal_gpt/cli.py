@@ -226,11 +226,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from crystal_gpt.sampling.shards import SampleDraw
 
-    steering = _steering(args)
+    steering = _steering(args, _model_dataset(model))
     predictor = steer_spec = None
     if steering is not None:
         predictor, target = steering
-        steer_spec = (args.predictor or f"mp_20_{predictor.config.target}", target)
+        steer_spec = (
+            args.predictor or f"{_model_dataset(model)}_{predictor.config.target}",
+            target,
+        )
     draw = SampleDraw(
         str(args.model), str(device), options, steer_spec, args.steer_width, args.oversample
     )
@@ -287,8 +290,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steering(args: argparse.Namespace):
-    """--steer NAME=VALUE --predictor P -> (the predictor, the target), or None."""
+def _model_dataset(model) -> str:
+    """The dataset a model was trained on (recorded at export or training), mp_20 if unknown:
+    predictors default to <dataset>_<property>, novelty is against its training crystals."""
+    return (getattr(model, "meta", None) or {}).get("dataset") or "mp_20"
+
+
+def _steering(args: argparse.Namespace, dataset: str = "mp_20"):
+    """--steer NAME=VALUE --predictor P -> (the predictor, the target), or None; the predictor
+    defaults to the bundled <dataset>_<NAME>."""
     if args.steer is None:
         if args.predictor is not None:
             raise ValueError("--predictor is used with --steer NAME=VALUE")
@@ -296,7 +306,7 @@ def _steering(args: argparse.Namespace):
     from crystal_gpt.model.predictor import load_predictor
 
     ((name, target),) = _parse_conditions([args.steer]).items()
-    predictor = load_predictor(args.predictor or f"mp_20_{name}")
+    predictor = load_predictor(args.predictor or f"{dataset}_{name}")
     if predictor.config.target != name:
         raise ValueError(
             f"--steer {name}: the predictor predicts {predictor.config.target!r}, not {name!r}"
@@ -406,7 +416,7 @@ def cmd_evaluate_conditions(args: argparse.Namespace) -> int:
     from crystal_gpt.model.predictor import load_predictor
 
     # the model's own training data: novelty is against it, predictors default to its name
-    dataset = args.dataset or (getattr(model, "meta", None) or {}).get("dataset") or "mp_20"
+    dataset = args.dataset or _model_dataset(model)
     predictor = steer_with = None
     if args.predictor or args.property not in ("formation_energy_per_atom", "e_above_hull"):
         predictor = load_predictor(args.predictor or f"{dataset}_{args.property}")
@@ -877,7 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steer band_gap=3.0; for properties the model was not trained on",
     )
     sa.add_argument(
-        "--predictor", help="predictor name or file for --steer (default: mp_20_<NAME>)"
+        "--predictor",
+        help="predictor name or file for --steer (default: <the model's dataset>_<NAME>, "
+        "e.g. mp_20_band_gap)",
     )
     sa.add_argument(
         "--steer-width", type=float, default=0.5, help="Gaussian width of --steer (default 0.5)"

@@ -173,3 +173,14 @@ def test_cli_evaluate_conditions_follows_the_models_dataset(tmp_path, predictor_
         cli_main([*args, "--predictor", str(out / "best.pt"), "--dataset", "perov_5"])
     assert seen["training_dataset"] == "perov_5"
     assert cli_main(args) == 2  # no bundled carbon_24_atoms predictor: a one-line error
+
+
+def test_cli_steer_defaults_to_the_models_own_predictor(tmp_path, capsys):
+    """`sample --model perov_5 --steer heat_ref=...` steers with the bundled perov_5_heat_ref,
+    the predictor of the model's own dataset."""
+    out = tmp_path / "s"
+    code = cli_main(["sample", "-n", "3", "--model", "perov_5", "--seed", "0", "--steer",
+                     "heat_ref=1.0", "--oversample", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert "steered toward heat_ref = 1" in capsys.readouterr().err
+    assert "predicted_heat_ref" in (out / "summary.csv").read_text().splitlines()[0]
