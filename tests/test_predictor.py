@@ -123,6 +123,11 @@ def test_evaluate_conditioning_with_a_predictor_and_with_chgnet(predictor_run, t
     assert [r["method"] for r in steered.rows] == ["steered"]
     with pytest.raises(ValueError, match="not conditioned on 'band_gap'"):
         evaluate_conditioning(m, "band_gap", [1.0], 2, predictor=p)
+    # a predictor given for a property CHGNet could measure is the one used
+    from crystal_gpt.evaluation.conditioning import achieved_values
+
+    with pytest.raises(ValueError, match="predicts 'atoms', not 'formation_energy_per_atom'"):
+        achieved_values("formation_energy_per_atom", [], [], predictor=p)
     pytest.importorskip("chgnet")
     cfg = load_config("tiny", overrides=['model.conditions={"formation_energy_per_atom": 1}'])
     f = CrystalGPT(cfg.model).eval()

@@ -6,7 +6,8 @@ How the achieved value is measured, by property:
   else at the generated geometry) minus the elemental references of the same potential (the
   mp_20 CHGNet hull's, ``ReferenceHull.formation_energy``);
 - ``e_above_hull``: CHGNet relaxation, then E_hull against the shipped CHGNet hull;
-- anything else: a property predictor (``model.predictor``), whose test MAE is reported with it.
+- anything else, or any property when a predictor is passed: the predictor
+  (``model.predictor``), whose test MAE is reported with it.
 
 Per target (and for the unconditional baseline): mean and median achieved value over the
 structurally valid samples, mean distance to the target, hit rate within ``tolerance``,
@@ -152,8 +153,9 @@ def achieved_values(
     progress: bool = False,
     cache: str | Path | None = None,
 ) -> np.ndarray:
-    """The property each crystal achieves (NaN where it cannot be measured)."""
-    if prop in CHGNET_PROPERTIES:
+    """The property each crystal achieves (NaN where it cannot be measured): by the predictor
+    when one is given, else by CHGNet for the properties it can measure."""
+    if prop in CHGNET_PROPERTIES and predictor is None:
         from crystal_gpt.evaluation.stability.relaxation import (
             relax_structures,
             single_point_energies,
@@ -225,7 +227,7 @@ def evaluate_conditioning(
         known = ", ".join(model.config.conditions) or "none"
         raise ValueError(f"the model is not conditioned on {prop!r} (its conditions: {known})")
     hull = None
-    if prop in CHGNET_PROPERTIES:
+    if prop in CHGNET_PROPERTIES and predictor is None:
         from crystal_gpt.evaluation.stability.hull import ReferenceHull
 
         hull = ReferenceHull.load(hull_dataset)
