@@ -272,8 +272,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.resume:
         raise ValueError("--resume applies to --format parquet")
     prepare_sample_folder(args.out)  # a bad --out fails now, not after the sampling
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     t0 = time.perf_counter()
-    crystals, loglik = draw(args.n, args.seed)  # the progress bar appears after 2 s
+    if args.n > args.chunk_size and not on_gpu and steering is None:
+        # chunks drawn at once, one per core, each seeded from --seed (drawn when not given)
+        from crystal_gpt.sampling.shards import draw_in_chunks
+
+        seed = args.seed
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        crystals, loglik = draw_in_chunks(
+            draw, args.n, seed, args.chunk_size, os.cpu_count() or 1,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )  # fmt: skip
+    else:
+        crystals, loglik = draw(args.n, args.seed)  # the progress bar appears after 2 s
     structures = [decode(c) for c in crystals]
     out = write_samples(crystals, structures, args.out, loglik)
     dt = time.perf_counter() - t0
@@ -924,6 +938,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"crystals drawn together (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU); "
         "part of a seeded run's identity",
+    )
+    sa.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1000,
+        help="CPU, more than this many crystals: chunks of this size drawn at once, one per "
+        "core, each seeded from --seed (default 1000); part of a seeded run's identity, which "
+        "does not depend on the number of cores",
     )
     sa.add_argument("--out", default="samples", help="output folder (default ./samples)")
     sa.add_argument(

@@ -183,3 +183,34 @@ def test_processes_started_fresh_draw_what_forked_ones_draw(tmp_path):
         name = f"part-{k:05d}.parquet"
         spawned = pq.read_table(tmp_path / "spawned" / name)
         assert spawned.num_rows == 3 and spawned.equals(pq.read_table(tmp_path / "forked" / name))
+
+
+def test_chunked_plain_sampling_does_not_depend_on_the_cores(tmp_path, capsys):
+    """`sample -n N` above --chunk-size draws chunks at once, each seeded from --seed: the
+    crystals are those of the parquet shards of the same seed and size, whatever the workers."""
+    from crystal_gpt.model.checkpoints import load_model
+    from crystal_gpt.sampling.shards import SampleDraw, draw_in_chunks
+
+    draw = SampleDraw("mp_20", "cpu", {"symprec": None, "min_distance": "auto"})
+    draw.keep(load_model("mp_20"))
+    one = draw_in_chunks(draw, 7, 5, 3, workers=1, log=lambda _: None)
+    two = draw_in_chunks(draw, 7, 5, 3, workers=2, log=lambda _: None)
+    assert len(one[0]) == len(two[0]) == 7
+    assert [c.spacegroup for c in one[0]] == [c.spacegroup for c in two[0]]
+    for a, b in zip(one[0], two[0], strict=True):
+        np.testing.assert_array_equal(a.lattice_parameters, b.lattice_parameters)
+    np.testing.assert_allclose(one[1]["total"], two[1]["total"], rtol=1e-6)
+
+    out = tmp_path / "s"
+    args = ["sample", *FAST, "-n", "7", "--chunk-size", "3", "--seed", "5"]
+    assert cli_main([*args, "--out", str(out)]) == 0
+    assert "sampled 7/7" in capsys.readouterr().err
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert len(summary) == 8 and len(list((out / "cif").glob("*.cif"))) == 7
+    assert cli_main([*args, "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "summary.csv").read_text().splitlines() == summary
+    # chunk k is shard k of a parquet run with the same seed and size
+    assert _run(tmp_path / "pq", "-n", "7", "--shard-size", "3", "--seed", "5") == 0
+    formulas = pq.read_table(tmp_path / "pq").column("formula").to_pylist()
+    assert [row.split(",")[1] for row in summary[1:]] == formulas
+    assert cli_main([*args, "--chunk-size", "0", "--out", str(tmp_path / "x")]) == 2

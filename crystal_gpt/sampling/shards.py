@@ -145,6 +145,39 @@ class SampleDraw:
         return crystals, {k: lp[k].tolist() for k in ("total", "g", "W", "A", "X", "L")}
 
 
+def draw_in_chunks(
+    draw: Callable[..., tuple[list[WyckoffCrystal], dict[str, list[float]]]],
+    n: int,
+    seed: int,
+    chunk: int,
+    workers: int,
+    log: Callable[[str], None] = print,
+) -> tuple[list[WyckoffCrystal], dict[str, list[float]]]:
+    """``n`` crystals drawn as chunks of ``chunk``, several at once (one worker process per
+    core, one torch thread each), in chunk order. Chunk k is seeded by ``shard_seed(seed, k)``
+    like a parquet shard, so the crystals depend on (seed, n, chunk) and not on the number of
+    workers. ``draw(count, seed, progress=, check_workers=)`` as :class:`SampleDraw`."""
+    sizes = shard_sizes(n, chunk)
+    jobs = [(size, shard_seed(seed, k)) for k, size in enumerate(sizes)]
+    got: list[Any] = [None] * len(jobs)
+    t0 = time.perf_counter()
+    done = 0
+    for i, result in supervised_map(functools.partial(_draw_chunk, draw), jobs, workers):
+        if isinstance(result, JobFailure):
+            raise ValueError(f"chunk {i + 1} of {len(jobs)} failed: {result.reason}")
+        got[i] = result
+        done += jobs[i][0]
+        log(f"sampled {done}/{n} ({rate(done, time.perf_counter() - t0, ' crystals/s')})")
+    crystals = [c for part, _ in got for c in part]
+    loglik = {key: [v for _, parts in got for v in parts[key]] for key in got[0][1]}
+    return crystals, loglik
+
+
+def _draw_chunk(draw: Callable, job: tuple[int, int]):
+    size, seed = job
+    return draw(size, seed, progress=False, check_workers=0)
+
+
 def _differing_settings(old: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
