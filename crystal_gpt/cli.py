@@ -276,20 +276,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     t0 = time.perf_counter()
     if args.n > args.chunk_size and not on_gpu and steering is None:
-        # chunks drawn at once, one per core, each seeded from --seed (drawn when not given)
-        from crystal_gpt.sampling.shards import draw_in_chunks
+        # chunks drawn and rendered at once, one per core, each seeded from --seed (drawn when
+        # not given); this process only writes the files
+        from crystal_gpt.sampling.output import write_rendered
+        from crystal_gpt.sampling.shards import draw_in_chunks, render_chunk
 
         seed = args.seed
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
-        crystals, loglik = draw_in_chunks(
+        chunks = draw_in_chunks(
             draw, args.n, seed, args.chunk_size, os.cpu_count() or 1,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
+            log=lambda line: print(line, file=sys.stderr, flush=True), finish=render_chunk,
         )  # fmt: skip
+        crystals = [c for part, _ in chunks for c in part]
+        out = write_rendered([rendered for _, rendered in chunks], args.out)
     else:
         crystals, loglik = draw(args.n, args.seed)  # the progress bar appears after 2 s
-    structures = [decode(c) for c in crystals]
-    out = write_samples(crystals, structures, args.out, loglik)
+        out = write_samples(crystals, [decode(c) for c in crystals], args.out, loglik)
     dt = time.perf_counter() - t0
     redrawn = sum(c.meta.get("redraws", 0) for c in crystals)
     moved = sum(c.meta.get("site_redraws", 0) for c in crystals)

@@ -195,11 +195,13 @@ def test_chunked_plain_sampling_does_not_depend_on_the_cores(tmp_path, capsys):
     draw.keep(load_model("mp_20"))
     one = draw_in_chunks(draw, 7, 5, 3, workers=1, log=lambda _: None)
     two = draw_in_chunks(draw, 7, 5, 3, workers=2, log=lambda _: None)
-    assert len(one[0]) == len(two[0]) == 7
-    assert [c.spacegroup for c in one[0]] == [c.spacegroup for c in two[0]]
-    for a, b in zip(one[0], two[0], strict=True):
+    assert [len(c) for c, _ in one] == [3, 3, 1]
+    one_c, two_c = [c for p, _ in one for c in p], [c for p, _ in two for c in p]
+    assert [c.spacegroup for c in one_c] == [c.spacegroup for c in two_c]
+    for a, b in zip(one_c, two_c, strict=True):
         np.testing.assert_array_equal(a.lattice_parameters, b.lattice_parameters)
-    np.testing.assert_allclose(one[1]["total"], two[1]["total"], rtol=1e-6)
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        np.testing.assert_allclose(a["total"], b["total"], rtol=1e-6)
 
     out = tmp_path / "s"
     args = ["sample", *FAST, "-n", "7", "--chunk-size", "3", "--seed", "5"]
@@ -207,6 +209,10 @@ def test_chunked_plain_sampling_does_not_depend_on_the_cores(tmp_path, capsys):
     assert "sampled 7/7" in capsys.readouterr().err
     summary = (out / "summary.csv").read_text().splitlines()
     assert len(summary) == 8 and len(list((out / "cif").glob("*.cif"))) == 7
+    from ase.io import read
+
+    frames = read(out / "samples.extxyz", index=":")
+    assert [f.info["spacegroup"] for f in frames] == [int(r.split(",")[2]) for r in summary[1:]]
     assert cli_main([*args, "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "summary.csv").read_text().splitlines() == summary
     # chunk k is shard k of a parquet run with the same seed and size

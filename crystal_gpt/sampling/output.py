@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 from pymatgen.core import Structure
@@ -139,6 +141,62 @@ def summary_row(
     return row
 
 
+@dataclass
+class RenderedSamples:
+    """Crystals made into the text of a sample folder (summary rows, CIFs, extxyz frames), so
+    that worker processes can render chunks and one process only writes files."""
+
+    rows: list[dict]
+    cifs: list[str]
+    extxyz: str
+
+
+def render_samples(
+    crystals: list[WyckoffCrystal],
+    structures: list[Structure],
+    loglik: dict[str, list[float]] | None = None,
+    start: int = 0,
+) -> RenderedSamples:
+    """The summary rows, CIF texts and extxyz frames of crystals numbered from ``start``."""
+    from ase.io import write as ase_write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    rows, cifs, atoms = [], [], []
+    for k, (wc, s) in enumerate(zip(crystals, structures, strict=True)):
+        i = start + k
+        row = summary_row(i, wc, s, {key: v[k] for key, v in (loglik or {}).items()})
+        cifs.append(wyckoff_cif(wc, f"{i:05d}_{row['formula']}"))
+        rows.append(row)
+        at = AseAtomsAdaptor.get_atoms(s)
+        at.info.update(spacegroup=wc.spacegroup, formula=row["formula"])
+        atoms.append(at)
+    frames = io.StringIO()
+    if atoms:
+        ase_write(frames, atoms, format="extxyz")
+    return RenderedSamples(rows, cifs, frames.getvalue())
+
+
+def write_rendered(parts: list[RenderedSamples], out_dir: str | Path) -> Path:
+    """Write ``cif/crystal_00000.cif`` ..., ``samples.extxyz`` and ``summary.csv`` from rendered
+    chunks, in order; returns the folder."""
+    out = Path(out_dir)
+    (out / "cif").mkdir(parents=True, exist_ok=True)
+    rows = [row for part in parts for row in part.rows]
+    for part in parts:
+        for row, text in zip(part.rows, part.cifs, strict=True):
+            (out / row["cif"]).write_text(text)
+    with open(out / "samples.extxyz", "w") as f:
+        for part in parts:
+            f.write(part.extxyz)
+    asked = sorted({k for row in rows for k in row if k.startswith(("condition_", "predicted_"))})
+    loglik = [k for k in (rows[0] if rows else {}) if k.startswith("loglik_")]
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*SUMMARY_FIELDS, *asked, *loglik])
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
 def write_samples(
     crystals: list[WyckoffCrystal],
     structures: list[Structure],
@@ -147,28 +205,4 @@ def write_samples(
 ) -> Path:
     """Write ``crystal_00000.cif`` ... (CIFs carry the space group and symmetry-distinct sites),
     ``samples.extxyz`` and ``summary.csv``; returns the folder."""
-    from ase.io import write as ase_write
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    out = Path(out_dir)
-    (out / "cif").mkdir(parents=True, exist_ok=True)
-    rows = []
-    atoms = []
-    for i, (wc, s) in enumerate(zip(crystals, structures, strict=True)):
-        row = summary_row(i, wc, s, {k: v[i] for k, v in (loglik or {}).items()})
-        (out / row["cif"]).write_text(wyckoff_cif(wc, f"{i:05d}_{row['formula']}"))
-        rows.append(row)
-        at = AseAtomsAdaptor.get_atoms(s)
-        at.info.update(spacegroup=wc.spacegroup, formula=row["formula"])
-        atoms.append(at)
-    ase_write(out / "samples.extxyz", atoms, format="extxyz")
-    asked = sorted(
-        {f"{kind}_{k}" for wc in crystals for kind in ("condition", "predicted")
-         for k in wc.meta.get("conditions" if kind == "condition" else kind, {})}
-    )  # fmt: skip
-    fields = list(SUMMARY_FIELDS) + asked + [f"loglik_{k}" for k in (loglik or {})]
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    return out
+    return write_rendered([render_samples(crystals, structures, loglik)], out_dir)

@@ -152,30 +152,40 @@ def draw_in_chunks(
     chunk: int,
     workers: int,
     log: Callable[[str], None] = print,
-) -> tuple[list[WyckoffCrystal], dict[str, list[float]]]:
+    finish: Callable[[list[WyckoffCrystal], dict[str, list[float]], int], Any] | None = None,
+) -> list[Any]:
     """``n`` crystals drawn as chunks of ``chunk``, several at once (one worker process per
-    core, one torch thread each), in chunk order. Chunk k is seeded by ``shard_seed(seed, k)``
-    like a parquet shard, so the crystals depend on (seed, n, chunk) and not on the number of
-    workers. ``draw(count, seed, progress=, check_workers=)`` as :class:`SampleDraw`."""
+    core, one torch thread each). Chunk k is seeded by ``shard_seed(seed, k)`` like a parquet
+    shard, so the crystals depend on (seed, n, chunk) and not on the number of workers.
+    ``draw(count, seed, progress=, check_workers=)`` as :class:`SampleDraw`. Returns, in chunk
+    order, each chunk's ``finish(crystals, loglik, index of its first crystal)``, run in the
+    worker (e.g. rendering the output), or its (crystals, loglik)."""
     sizes = shard_sizes(n, chunk)
-    jobs = [(size, shard_seed(seed, k)) for k, size in enumerate(sizes)]
+    jobs = [(size, shard_seed(seed, k), k * chunk) for k, size in enumerate(sizes)]
     got: list[Any] = [None] * len(jobs)
     t0 = time.perf_counter()
     done = 0
-    for i, result in supervised_map(functools.partial(_draw_chunk, draw), jobs, workers):
+    job = functools.partial(_draw_chunk, draw, finish)
+    for i, result in supervised_map(job, jobs, workers):
         if isinstance(result, JobFailure):
             raise ValueError(f"chunk {i + 1} of {len(jobs)} failed: {result.reason}")
         got[i] = result
         done += jobs[i][0]
         log(f"sampled {done}/{n} ({rate(done, time.perf_counter() - t0, ' crystals/s')})")
-    crystals = [c for part, _ in got for c in part]
-    loglik = {key: [v for _, parts in got for v in parts[key]] for key in got[0][1]}
-    return crystals, loglik
+    return got
 
 
-def _draw_chunk(draw: Callable, job: tuple[int, int]):
-    size, seed = job
-    return draw(size, seed, progress=False, check_workers=0)
+def _draw_chunk(draw: Callable, finish: Callable | None, job: tuple[int, int, int]):
+    size, seed, start = job
+    crystals, loglik = draw(size, seed, progress=False, check_workers=0)
+    return (crystals, loglik) if finish is None else finish(crystals, loglik, start)
+
+
+def render_chunk(crystals: list[WyckoffCrystal], loglik: dict[str, list[float]], start: int):
+    """(crystals, the chunk's rendered sample-folder text): ``finish`` for the CIF output."""
+    from crystal_gpt.sampling.output import render_samples
+
+    return crystals, render_samples(crystals, [decode(c) for c in crystals], loglik, start)
 
 
 def _differing_settings(old: dict, new: dict) -> list[str]:
