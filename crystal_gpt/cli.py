@@ -27,6 +27,7 @@ from crystal_gpt.utils import prepare_output_folder, rate, use_executor
 
 # what `evaluate` and `evaluate-csp` write (an earlier run's copies are removed up front)
 CPU_BATCH = 500  # crystals drawn together: sample_crystals' default
+MAX_SAMPLES = 10**9  # per run: ~4 days on one GPU; a larger -n is a typo, not a plan
 GPU_BATCH = 10_000  # a GPU's throughput keeps rising to about here (benchmarks/RESULTS.md)
 REPORT_FILES = ("report.md", "report.html", "metrics.json", "crystals.csv", "*.png")
 CSP_FILES = ("csp.json", "csp.csv", "csp.md")
@@ -199,6 +200,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError("-n must be at least 1")
+    if args.n > MAX_SAMPLES:
+        raise ValueError(f"-n: at most {MAX_SAMPLES:,} crystals per run, got {args.n:,}")
     device = pick_device(args.device)
     model = load_model(args.model, device)
     on_gpu = device.type != "cpu"

@@ -220,3 +220,6 @@ def test_chunked_plain_sampling_does_not_depend_on_the_cores(tmp_path, capsys):
     formulas = pq.read_table(tmp_path / "pq").column("formula").to_pylist()
     assert [row.split(",")[1] for row in summary[1:]] == formulas
     assert cli_main([*args, "--chunk-size", "0", "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert cli_main([*args, "-n", "100000000000000000000", "--out", str(tmp_path / "y")]) == 2
+    assert "at most 1,000,000,000 crystals per run" in capsys.readouterr().err
