@@ -25,10 +25,10 @@ from crystal_gpt.data.statistics import (
 from crystal_gpt.data.symmetry import get_tables
 from crystal_gpt.utils import prepare_output_folder, rate, use_executor
 
-# what `evaluate` and `evaluate-csp` write (an earlier run's copies are removed up front)
 CPU_BATCH = 500  # crystals drawn together: sample_crystals' default
-MAX_SAMPLES = 10**9  # per run: ~4 days on one GPU; a larger -n is a typo, not a plan
 GPU_BATCH = 10_000  # a GPU's throughput keeps rising to about here (benchmarks/RESULTS.md)
+MAX_SAMPLES = 10**9  # per run: ~4 days on one GPU; a larger -n is a typo, not a plan
+# what `evaluate` and `evaluate-csp` write (an earlier run's copies are removed up front)
 REPORT_FILES = ("report.md", "report.html", "metrics.json", "crystals.csv", "*.png")
 CSP_FILES = ("csp.json", "csp.csv", "csp.md")
 
@@ -285,8 +285,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from crystal_gpt.sampling.shards import draw_in_chunks, render_chunk
 
         seed = args.seed
-        if seed is None:
+        if seed is None:  # said, so that the run can be repeated
             seed = int(np.random.SeedSequence().generate_state(1)[0])
+            print(f"no --seed given: drawing with --seed {seed}", file=sys.stderr)
         chunks = draw_in_chunks(
             draw, args.n, seed, args.chunk_size, os.cpu_count() or 1,
             log=lambda line: print(line, file=sys.stderr, flush=True), finish=render_chunk,
