@@ -155,9 +155,9 @@ def cmd_nll(args: argparse.Namespace) -> int:
             f"--hide-conditions: the model has no condition {', '.join(map(repr, unknown))} "
             f"(its conditions: {', '.join(known) or 'none'})"
         )
-    data = PaddedCrystals(ds, model.config.max_sites, known)
-    for c in hidden:  # a missing value is a hidden condition, as in training
-        data.conditions[c] = np.full_like(data.conditions[c], np.nan)
+    # a condition left out of the batch is hidden (as a missing value is in training), so a
+    # dataset without that column can be scored too
+    data = PaddedCrystals(ds, model.config.max_sites, [c for c in known if c not in hidden])
     res = evaluate_nll(model, data, device=device, progress=not args.quiet)
     res.update(dataset=args.dataset, split=args.split, checkpoint=str(args.checkpoint))
     res["hidden_conditions"] = hidden
@@ -168,7 +168,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
         print(
             f"{args.dataset}/{args.split}: {res['crystals']} crystals, NLL "
             f"{res['nll_total']:.3f} nats/crystal, {res['nll_per_atom']:.3f} nats/atom "
-            f"({parts})"
+            f"({parts})" + (f"; hidden: {', '.join(hidden)}" if hidden else "")
         )
     return 0
 
@@ -237,8 +237,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             args.predictor or f"{_model_dataset(model)}_{predictor.config.target}",
             target,
         )
+    # a model file by its absolute path: worker processes (or Ray tasks) load it themselves
+    model_ref = str(Path(args.model).resolve()) if Path(args.model).exists() else str(args.model)
     draw = SampleDraw(
-        str(args.model), str(device), options, steer_spec, args.steer_width, args.oversample
+        model_ref, str(device), options, steer_spec, args.steer_width, args.oversample
     )
     draw.keep(model, predictor)  # loaded here once; spawned drawing processes load their own
 
@@ -281,34 +283,48 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n > args.chunk_size and not on_gpu and steering is None:
         # chunks drawn and rendered at once, one per core, each seeded from --seed (drawn when
         # not given); this process only writes the files
-        from crystal_gpt.sampling.output import write_rendered
+        from crystal_gpt.sampling.output import SampleFolderWriter
         from crystal_gpt.sampling.shards import draw_in_chunks, render_chunk
 
         seed = args.seed
         if seed is None:  # said, so that the run can be repeated
             seed = int(np.random.SeedSequence().generate_state(1)[0])
             print(f"no --seed given: drawing with --seed {seed}", file=sys.stderr)
-        chunks = draw_in_chunks(
-            draw, args.n, seed, args.chunk_size, os.cpu_count() or 1,
+        writer = SampleFolderWriter(args.out)  # files written as chunks arrive
+        for k, rendered in draw_in_chunks(
+            draw, args.n, seed, args.chunk_size, _usable_cores(),
             log=lambda line: print(line, file=sys.stderr, flush=True), finish=render_chunk,
-        )  # fmt: skip
-        crystals = [c for part, _ in chunks for c in part]
-        out = write_rendered([rendered for _, rendered in chunks], args.out)
+        ):  # fmt: skip
+            writer.add(k, rendered)
+        out = writer.close()
+        rows = writer.rows_in_order()
     else:
         crystals, loglik = draw(args.n, args.seed)  # the progress bar appears after 2 s
         out = write_samples(crystals, [decode(c) for c in crystals], args.out, loglik)
+        rows = [
+            {"redraws": c.meta.get("redraws", 0), "site_redraws": c.meta.get("site_redraws", 0),
+             "spacegroup": c.spacegroup} for c in crystals
+        ]  # fmt: skip
     dt = time.perf_counter() - t0
-    redrawn = sum(c.meta.get("redraws", 0) for c in crystals)
-    moved = sum(c.meta.get("site_redraws", 0) for c in crystals)
-    counts = Counter(c.spacegroup for c in crystals)
+    redrawn = sum(int(r["redraws"]) for r in rows)
+    moved = sum(int(r["site_redraws"]) for r in rows)
+    counts = Counter(int(r["spacegroup"]) for r in rows)
     top = ", ".join(f"{g}: {k}" for g, k in counts.most_common(5))
     print(
-        f"{len(crystals)} crystals in {dt:.1f} s ({rate(len(crystals), dt)}) -> {out}/cif, "
+        f"{len(rows)} crystals in {dt:.1f} s ({rate(len(rows), dt)}) -> {out}/cif, "
         f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}; "
         f"{redrawn} crystals redrawn (symmetry higher than sampled, impossible cell, no room, "
         f"atoms too close), {moved} site coordinates redrawn (atoms too close)"
     )
     return 0
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (affinity, e.g. a container's share), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _model_dataset(model) -> str:
@@ -930,7 +946,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="nucleus sampling of the discrete choices (default 1: off)",
     )
-    sa.add_argument("--seed", type=int, help="for reproducible samples")
+    sa.add_argument(
+        "--seed",
+        type=int,
+        help="for reproducible samples: the same seed, -n, --batch-size and --chunk-size (or "
+        "--shard-size) give the same crystals; another -n above one chunk is another draw",
+    )
     sa.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     sa.add_argument(
         "--gpu-processes",

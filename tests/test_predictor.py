@@ -128,6 +128,8 @@ def test_evaluate_conditioning_with_a_predictor_and_with_chgnet(predictor_run, t
 
     with pytest.raises(ValueError, match="predicts 'atoms', not 'formation_energy_per_atom'"):
         achieved_values("formation_energy_per_atom", [], [], predictor=p)
+    with pytest.raises(ValueError, match="predicted, not relaxed"):
+        evaluate_conditioning(m, "atoms", [4.0], 2, predictor=p, relax_steps=10)
     pytest.importorskip("chgnet")
     cfg = load_config("tiny", overrides=['model.conditions={"formation_energy_per_atom": 1}'])
     f = CrystalGPT(cfg.model).eval()

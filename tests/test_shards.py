@@ -193,8 +193,9 @@ def test_chunked_plain_sampling_does_not_depend_on_the_cores(tmp_path, capsys):
 
     draw = SampleDraw("mp_20", "cpu", {"symprec": None, "min_distance": "auto"})
     draw.keep(load_model("mp_20"))
-    one = draw_in_chunks(draw, 7, 5, 3, workers=1, log=lambda _: None)
-    two = draw_in_chunks(draw, 7, 5, 3, workers=2, log=lambda _: None)
+    one = [r for _, r in sorted(draw_in_chunks(draw, 7, 5, 3, workers=1, log=lambda _: None))]
+    two = dict(draw_in_chunks(draw, 7, 5, 3, workers=2, log=lambda _: None))
+    two = [two[k] for k in range(3)]
     assert [len(c) for c, _ in one] == [3, 3, 1]
     one_c, two_c = [c for p, _ in one for c in p], [c for p, _ in two for c in p]
     assert [c.spacegroup for c in one_c] == [c.spacegroup for c in two_c]
@@ -223,3 +224,28 @@ def test_chunked_plain_sampling_does_not_depend_on_the_cores(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main([*args, "-n", "100000000000000000000", "--out", str(tmp_path / "y")]) == 2
     assert "at most 1,000,000,000 crystals per run" in capsys.readouterr().err
+
+
+def _fails_once(marker, n, seed, progress=False, check_workers=None):
+    """A draw whose first call for seed 0's second chunk dies, as a worker might."""
+    from crystal_gpt.sampling.shards import shard_seed
+
+    if seed == shard_seed(0, 1) and not marker.exists():
+        marker.touch()
+        raise RuntimeError("worker lost")
+    return [seed] * n, {"total": [0.0] * n}
+
+
+def test_a_failed_chunk_is_drawn_once_more_then_it_is_an_error(tmp_path):
+    import functools
+
+    from crystal_gpt.sampling.shards import draw_in_chunks
+
+    lines = []
+    draw = functools.partial(_fails_once, tmp_path / "marker")
+    got = dict(draw_in_chunks(draw, 5, 0, 2, workers=2, log=lines.append))
+    assert sorted(got) == [0, 1, 2] and got[1][0] == [shard_seed(0, 1)] * 2
+    assert any("chunk 2 of 3 failed" in line and "again" in line for line in lines)
+    always = functools.partial(_fails_once, tmp_path / "never" / "marker")  # touch() fails too
+    with pytest.raises(ValueError, match="chunk 2 of 3 failed"):
+        dict(draw_in_chunks(always, 5, 0, 2, workers=2, log=lambda _: None))

@@ -182,6 +182,10 @@ def test_cli_train_and_nll(tmp_path, capsys):
         == 0
     )
     assert "best hold-out NLL" in capsys.readouterr().out
+    from crystal_gpt.model.checkpoints import load_model
+
+    # a training checkpoint knows its dataset (novelty sets and default predictors follow it)
+    assert load_model(out / "best.pt").meta["dataset"] == "carbon_24"
     assert (
         cli_main(
             [

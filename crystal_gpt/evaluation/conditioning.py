@@ -226,6 +226,11 @@ def evaluate_conditioning(
     elif prop not in model.config.conditions:
         known = ", ".join(model.config.conditions) or "none"
         raise ValueError(f"the model is not conditioned on {prop!r} (its conditions: {known})")
+    if predictor is not None and relax_steps > 0:
+        raise ValueError(
+            "relax_steps (--relax-steps) is for CHGNet's measurement; with a predictor "
+            f"(--predictor) {prop!r} is predicted, not relaxed: leave one of them out"
+        )
     hull = None
     if prop in CHGNET_PROPERTIES and predictor is None:
         from crystal_gpt.evaluation.stability.hull import ReferenceHull

@@ -144,6 +144,9 @@ def load_model(
     if bad:  # a damaged file: every draw would fail, or be NaN
         raise ValueError(f"{path}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")
     model.meta = state.get("meta", {"file": str(path)})
+    if "dataset" not in model.meta and isinstance(state.get("config"), dict):
+        # a training checkpoint: its run's dataset (novelty sets, default predictors follow it)
+        model.meta["dataset"] = state["config"].get("dataset")
     return model.to(device).eval()
 
 

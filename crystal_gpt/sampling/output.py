@@ -176,25 +176,55 @@ def render_samples(
     return RenderedSamples(rows, cifs, frames.getvalue())
 
 
+class SampleFolderWriter:
+    """Writes a sample folder from rendered chunks as they arrive, in any order: each chunk's
+    CIFs at once, the extxyz frames in chunk order (a chunk that comes early waits), summary.csv
+    on ``close``; so a large run holds only the summary rows and the chunks not yet written."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir)
+        (self.out / "cif").mkdir(parents=True, exist_ok=True)
+        self.rows: dict[int, list[dict]] = {}
+        self.waiting: dict[int, str] = {}
+        self.next = 0
+        self.frames = open(self.out / "samples.extxyz", "w")  # noqa: SIM115 (closed in close)
+
+    def add(self, k: int, part: RenderedSamples) -> None:
+        """Chunk number ``k`` (0, 1, ...)."""
+        for row, text in zip(part.rows, part.cifs, strict=True):
+            (self.out / row["cif"]).write_text(text)
+        self.rows[k] = part.rows
+        self.waiting[k] = part.extxyz
+        while self.next in self.waiting:
+            self.frames.write(self.waiting.pop(self.next))
+            self.next += 1
+
+    def rows_in_order(self) -> list[dict]:
+        return [row for k in sorted(self.rows) for row in self.rows[k]]
+
+    def close(self) -> Path:
+        if self.waiting:
+            raise ValueError(f"chunks missing before chunk {min(self.waiting)}")
+        self.frames.close()
+        rows = self.rows_in_order()
+        asked = sorted(
+            {k for row in rows for k in row if k.startswith(("condition_", "predicted_"))}
+        )
+        loglik = [k for k in (rows[0] if rows else {}) if k.startswith("loglik_")]
+        with open(self.out / "summary.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[*SUMMARY_FIELDS, *asked, *loglik])
+            w.writeheader()
+            w.writerows(rows)
+        return self.out
+
+
 def write_rendered(parts: list[RenderedSamples], out_dir: str | Path) -> Path:
     """Write ``cif/crystal_00000.cif`` ..., ``samples.extxyz`` and ``summary.csv`` from rendered
     chunks, in order; returns the folder."""
-    out = Path(out_dir)
-    (out / "cif").mkdir(parents=True, exist_ok=True)
-    rows = [row for part in parts for row in part.rows]
-    for part in parts:
-        for row, text in zip(part.rows, part.cifs, strict=True):
-            (out / row["cif"]).write_text(text)
-    with open(out / "samples.extxyz", "w") as f:
-        for part in parts:
-            f.write(part.extxyz)
-    asked = sorted({k for row in rows for k in row if k.startswith(("condition_", "predicted_"))})
-    loglik = [k for k in (rows[0] if rows else {}) if k.startswith("loglik_")]
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*SUMMARY_FIELDS, *asked, *loglik])
-        w.writeheader()
-        w.writerows(rows)
-    return out
+    writer = SampleFolderWriter(out_dir)
+    for k, part in enumerate(parts):
+        writer.add(k, part)
+    return writer.close()
 
 
 def write_samples(

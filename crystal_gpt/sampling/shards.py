@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,26 +153,36 @@ def draw_in_chunks(
     workers: int,
     log: Callable[[str], None] = print,
     finish: Callable[[list[WyckoffCrystal], dict[str, list[float]], int], Any] | None = None,
-) -> list[Any]:
+) -> Iterator[tuple[int, Any]]:
     """``n`` crystals drawn as chunks of ``chunk``, several at once (one worker process per
     core, one torch thread each). Chunk k is seeded by ``shard_seed(seed, k)`` like a parquet
     shard, so the crystals depend on (seed, n, chunk) and not on the number of workers.
-    ``draw(count, seed, progress=, check_workers=)`` as :class:`SampleDraw`. Returns, in chunk
-    order, each chunk's ``finish(crystals, loglik, index of its first crystal)``, run in the
-    worker (e.g. rendering the output), or its (crystals, loglik)."""
+    ``draw(count, seed, progress=, check_workers=)`` as :class:`SampleDraw`. Yields (k, chunk
+    k's ``finish(crystals, loglik, index of its first crystal)``, run in the worker, e.g.
+    rendering the output; by default its (crystals, loglik)) as chunks finish. A chunk whose
+    worker failed is drawn once more (the same seed: the same crystals), then it is an error."""
     sizes = shard_sizes(n, chunk)
     jobs = [(size, shard_seed(seed, k), k * chunk) for k, size in enumerate(sizes)]
-    got: list[Any] = [None] * len(jobs)
+    job = functools.partial(_draw_chunk, draw, finish)
     t0 = time.perf_counter()
     done = 0
-    job = functools.partial(_draw_chunk, draw, finish)
-    for i, result in supervised_map(job, jobs, workers):
-        if isinstance(result, JobFailure):
-            raise ValueError(f"chunk {i + 1} of {len(jobs)} failed: {result.reason}")
-        got[i] = result
-        done += jobs[i][0]
-        log(f"sampled {done}/{n} ({rate(done, time.perf_counter() - t0, ' crystals/s')})")
-    return got
+    todo = list(range(len(jobs)))
+    for attempt in (1, 2):
+        failed = []
+        for i, result in supervised_map(job, [jobs[k] for k in todo], workers):
+            k = todo[i]
+            if isinstance(result, JobFailure):
+                if attempt == 2:
+                    raise ValueError(f"chunk {k + 1} of {len(jobs)} failed: {result.reason}")
+                log(f"chunk {k + 1} of {len(jobs)} failed ({result.reason}); drawing it again")
+                failed.append(k)
+                continue
+            done += jobs[k][0]
+            log(f"sampled {done}/{n} ({rate(done, time.perf_counter() - t0, ' crystals/s')})")
+            yield k, result
+        if not failed:
+            return
+        todo = failed
 
 
 def _draw_chunk(draw: Callable, finish: Callable | None, job: tuple[int, int, int]):
@@ -182,10 +192,10 @@ def _draw_chunk(draw: Callable, finish: Callable | None, job: tuple[int, int, in
 
 
 def render_chunk(crystals: list[WyckoffCrystal], loglik: dict[str, list[float]], start: int):
-    """(crystals, the chunk's rendered sample-folder text): ``finish`` for the CIF output."""
+    """A chunk's rendered sample-folder text (``finish`` for the CIF output)."""
     from crystal_gpt.sampling.output import render_samples
 
-    return crystals, render_samples(crystals, [decode(c) for c in crystals], loglik, start)
+    return render_samples(crystals, [decode(c) for c in crystals], loglik, start)
 
 
 def _differing_settings(old: dict, new: dict) -> list[str]:
