@@ -193,9 +193,9 @@ def _parse_conditions(items: list[str] | None) -> dict[str, float]:
 def cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    from crystal_gpt.data.codec import DEFAULT_SYMPREC, decode
+    from crystal_gpt.data.codec import DEFAULT_SYMPREC
     from crystal_gpt.model.checkpoints import load_model
-    from crystal_gpt.sampling.output import prepare_sample_folder, write_samples
+    from crystal_gpt.sampling.output import prepare_sample_folder
     from crystal_gpt.training import pick_device
 
     if args.n < 1:
@@ -280,31 +280,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     t0 = time.perf_counter()
+    from crystal_gpt.sampling.output import SampleFolderWriter
+    from crystal_gpt.sampling.shards import draw_in_chunks, render_chunk
+
     if args.n > args.chunk_size and not on_gpu and steering is None:
         # chunks drawn and rendered at once, one per core, each seeded from --seed (drawn when
-        # not given); this process only writes the files
-        from crystal_gpt.sampling.output import SampleFolderWriter
-        from crystal_gpt.sampling.shards import draw_in_chunks, render_chunk
-
+        # not given); this process only writes the files, as chunks arrive
         seed = args.seed
         if seed is None:  # said, so that the run can be repeated
             seed = int(np.random.SeedSequence().generate_state(1)[0])
             print(f"no --seed given: drawing with --seed {seed}", file=sys.stderr)
-        writer = SampleFolderWriter(args.out)  # files written as chunks arrive
-        for k, rendered in draw_in_chunks(
+        parts = draw_in_chunks(
             draw, args.n, seed, args.chunk_size, _usable_cores(),
             log=lambda line: print(line, file=sys.stderr, flush=True), finish=render_chunk,
-        ):  # fmt: skip
-            writer.add(k, rendered)
-        out = writer.close()
-        rows = writer.rows_in_order()
+        )  # fmt: skip
     else:
         crystals, loglik = draw(args.n, args.seed)  # the progress bar appears after 2 s
-        out = write_samples(crystals, [decode(c) for c in crystals], args.out, loglik)
-        rows = [
-            {"redraws": c.meta.get("redraws", 0), "site_redraws": c.meta.get("site_redraws", 0),
-             "spacegroup": c.spacegroup} for c in crystals
-        ]  # fmt: skip
+        parts = [(0, render_chunk(crystals, loglik, 0))]
+    writer = SampleFolderWriter(args.out)
+    for k, rendered in parts:
+        writer.add(k, rendered)
+    out = writer.close()
+    rows = writer.rows_in_order()
     dt = time.perf_counter() - t0
     redrawn = sum(int(r["redraws"]) for r in rows)
     moved = sum(int(r["site_redraws"]) for r in rows)
