@@ -514,6 +514,7 @@ def cmd_evaluate_pressure(args: argparse.Namespace) -> int:
         stability_pressures=None
         if args.stability_pressures is None
         else _parse_numbers(args.stability_pressures, "--stability-pressures"),
+        hull_relax_steps=args.hull_relax_steps,
     )
     print(result.markdown())
     print(
@@ -669,6 +670,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hull_systems(names: str | None, files: list[str] | None) -> list[frozenset[str]] | None:
+    """The chemical systems a restricted hull is built for: named ones plus those of the
+    crystals in structure files (a sample folder, CIFs, extxyz, parquet)."""
+    from crystal_gpt.evaluation.readers import load_structures
+    from crystal_gpt.evaluation.stability import chemical_system, parse_systems
+
+    if names is None and not files:
+        return None
+    found: list[str | frozenset[str]] = [x for x in (names or "").split(",") if x.strip()]
+    for f in files or []:
+        loaded = load_structures(f, progress=False)
+        if not loaded.structures:
+            raise ValueError(f"--systems-from {f}: no readable crystals")
+        found.extend(chemical_system(s) for s in loaded.structures)
+    return parse_systems(found)
+
+
 def cmd_hull(args: argparse.Namespace) -> int:
     """Build or describe the CHGNet reference hull that stability and S.U.N. numbers need."""
     import warnings
@@ -679,7 +697,10 @@ def cmd_hull(args: argparse.Namespace) -> int:
         print(f"crystal-gpt: error: {err}", file=sys.stderr)
         return 2
     try:
+        relaxed = args.relaxed if args.hull_command == "info" else args.relax_steps > 0
+        where = args.out or hull_path(args.dataset, args.pressure, relaxed)
         if args.hull_command == "build":
+            systems = _hull_systems(args.systems, args.systems_from)
             hull = ReferenceHull.build(
                 args.dataset,
                 splits=[s for s in args.splits.split(",") if s],
@@ -689,16 +710,19 @@ def cmd_hull(args: argparse.Namespace) -> int:
                 path=args.out,
                 progress=not args.quiet,
                 pressure=args.pressure,
+                systems=systems,
             )
             print(hull.summary())
-            print(f"-> {args.out or hull_path(args.dataset, args.pressure)}")
+            print(f"-> {where}")
             return 0
-        hull = ReferenceHull.load(args.dataset, path=args.out, pressure=args.pressure)
+        hull = ReferenceHull.load(
+            args.dataset, path=args.out, pressure=args.pressure, relaxed=relaxed
+        )
     except ImportError as err:  # chgnet missing
         print(f"crystal-gpt: error: {err}", file=sys.stderr)
         return 2
     print(hull.summary())
-    print(f"file: {args.out or hull_path(args.dataset, args.pressure)}")
+    print(f"file: {where}")
     if args.check:
         # E_hull of reference crystals themselves: how many known crystals this hull calls
         # stable (a ceiling for generated ones; all mp_20 crystals are within 0.08 eV/atom in DFT)
@@ -1088,10 +1112,16 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--no-novelty", action="store_true", help="skip matching against training")
     ep.add_argument(
         "--stability", type=int, default=0, metavar="K", help="relax K samples per pressure "
-        "with CHGNet under that pressure; enthalpy above the training materials' CHGNet hull "
-        "(`crystal-gpt hull build --dataset alex_pressure --pressure P --splits train` first)",
+        "with CHGNet under that pressure; enthalpy above the CHGNet hull of the training "
+        "materials in the samples' chemical systems, relaxed under the pressure too",
     )  # fmt: skip
     ep.add_argument("--stability-pressures", help="only at these pressures (default: all)")
+    ep.add_argument(
+        "--hull-relax-steps", type=int, default=500, metavar="N", help="relaxation steps of "
+        "the hull's training materials (default 500, as the samples'; cached across runs); 0: "
+        "the prebuilt single-point hull (`crystal-gpt hull build --dataset alex_pressure "
+        "--pressure P --splits train`), inconsistent at high pressure",
+    )  # fmt: skip
     ep.add_argument("--workers", type=int, help="processes for matching (default 1)")
     ep.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     ep.add_argument("--out", default="pressure_eval", help="output folder")
@@ -1224,8 +1254,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--relax-steps",
         type=int,
         default=0,
-        help="relax the dataset crystals too (default 0: single points at DFT geometries)",
+        help="relax the dataset crystals too (default 0: single points at DFT geometries; "
+        "resumable, written to <cache>/hull/<dataset>[_<P>GPa]_relaxed_chgnet.json)",
     )
+    hub.add_argument(
+        "--systems", metavar="A-B,C-D-E", help="only the crystals inside these chemical "
+        "systems (exact E_hull there at a fraction of the cost; other systems are refused)",
+    )  # fmt: skip
+    hub.add_argument(
+        "--systems-from", nargs="+", metavar="PATH", help="only the chemical systems of the "
+        "crystals in these files or sample folders (e.g. the samples to be judged)",
+    )  # fmt: skip
+    hui.add_argument("--relaxed", action="store_true", help="the hull built with --relax-steps")
     hub.add_argument("--quiet", action="store_true", help="no progress bars")
     hui.add_argument("--check", type=int, default=0, metavar="N", help="E_hull of N references")
     hu.set_defaults(func=cmd_hull)

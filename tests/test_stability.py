@@ -17,6 +17,7 @@ from crystal_gpt.evaluation.stability import (
     ReferenceHull,
     displacement_rmsd,
     evaluate_stability,
+    parse_systems,
     relax_structures,
     relaxation,
 )
@@ -242,3 +243,81 @@ def test_relaxation_and_hull_under_pressure(work) -> None:
     e = dict(zip(hull.ids, hull.energy_per_atom, strict=True))
     assert e["AlNi@50"] == pytest.approx(at50.energy_per_atom, abs=2e-3)
     assert hull.e_above_hull([(at50.structure, at50.energy_per_atom)])[0] <= 1e-6
+
+
+def test_parse_systems_drops_contained_ones_and_names_bad_elements() -> None:
+    assert parse_systems(["Ni-Al", "Al", {"Ni", "Al"}, "O-Fe", "Fe"]) == [
+        frozenset({"Al", "Ni"}),
+        frozenset({"Fe", "O"}),
+    ]
+    with pytest.raises(ValueError, match="Xx"):
+        parse_systems(["Fe-Xx"])
+
+
+def test_a_hull_built_for_some_systems_answers_exactly_there_and_refuses_others(
+    hull: ReferenceHull, work, tmp_path
+) -> None:
+    """Restricted to Al-Ni, an Al-Cu crystal among the references is left out (and no Cu
+    reference relaxed); Al-Ni energies above hull equal the full hull's; Al-Cu gets NaN, not a
+    hull missing its competing phases; the restriction survives a save and load."""
+    alcu = Structure.from_spacegroup(
+        "Pm-3m", Lattice.cubic(2.95), ["Al", "Cu"], [[0] * 3, [0.5] * 3]
+    )
+    part = ReferenceHull.from_structures(
+        [b2_alni(), l12_alni3(), alcu],
+        ids=["AlNi", "AlNi3", "AlCu"],
+        cache=work,
+        progress=False,
+        systems=["Al-Ni"],
+    )
+    assert "AlCu" not in part.ids and part.meta["n_crystals"] == 2
+    assert part.meta["systems"] == ["Al-Ni"] and part.elements == {"Al", "Ni"}
+    pairs = [(b2_alni(), -5.0), ("AlNi3", -5.5), ("Ni", -5.0)]
+    assert np.allclose(part.e_above_hull(pairs), hull.e_above_hull(pairs), atol=1e-9)
+    with pytest.warns(UserWarning, match="outside the chemical systems"):
+        out = part.e_above_hull([("AlCu", -4.0), ("AlNi", -5.0)])
+    assert math.isnan(out[0]) and math.isfinite(out[1]) and part.last_uncovered == 1
+    with pytest.raises(ValueError, match="Al-Cu"):
+        part.phase_diagram(["Al", "Cu"])
+    back = ReferenceHull.load("mp_20", path=part.save(tmp_path / "part.json"))
+    assert back.systems == [frozenset({"Al", "Ni"})] and not back.covers({"Cu"})
+    assert "in 1 chemical systems" in back.describe()
+
+
+def test_hull_build_takes_its_systems_from_named_ones_and_structure_files(tmp_path) -> None:
+    from crystal_gpt.cli import _hull_systems, main
+
+    b2_alni().to(filename=str(tmp_path / "a.cif"))
+    Structure(Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
+        filename=str(tmp_path / "b.cif")
+    )
+    assert _hull_systems(None, None) is None
+    assert _hull_systems("Ni,Fe-O", [str(tmp_path)]) == [
+        frozenset({"Al", "Ni"}),
+        frozenset({"Fe", "O"}),
+        frozenset({"Mg", "O"}),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["hull", "build", "--systems-from", str(empty), "--limit", "1"]) == 2
+
+
+def test_pressure_stability_relaxes_the_hull_in_the_samples_systems(tmp_path) -> None:
+    """The consistent treatment: a training crystal, relaxed like a sample, sits exactly on the
+    hull built from the relaxed training materials of its chemical system (Mg-Y: two of them),
+    and the hull answers for Mg-Y only."""
+    from crystal_gpt.data.datasets import load_dataset
+    from crystal_gpt.evaluation.pressure import _stability_at
+
+    known = next(
+        r.structure
+        for r in load_dataset("alex_pressure", "train", pressures=[0])
+        if {el.symbol for el in r.structure.composition.elements} == {"Mg", "Y"}
+    )
+    row = _stability_at([None, known], 0.0, 1, 1, tmp_path, False, hull_relax_steps=100)
+    assert row["stability_n"] == 1 and row["relax_failed"] == 0
+    assert abs(row["enthalpy_above_hull_median"]) < 1e-4
+    assert row["stable_0.0"] == 1.0
+    assert "in 1 chemical systems" in row["hull"] and "relaxed, steps<=100" in row["hull"]
+    hull = ReferenceHull.load(path=tmp_path / "hull_0GPa.json")
+    assert hull.meta["systems"] == ["Mg-Y"] and not hull.covers({"Mg", "O"})

@@ -222,12 +222,36 @@ class PressureResult:
         plt.close(fig)
 
 
-def _stability_at(structures, p: float, k: int, workers: int, out_dir, progress) -> dict:
-    """CHGNet enthalpy stability of the first k samples at pressure p (failed ones count)."""
-    from crystal_gpt.evaluation.stability import ReferenceHull, evaluate_stability
+def _stability_at(
+    structures, p: float, k: int, workers: int, out_dir, progress, hull_relax_steps: int
+) -> dict:
+    """CHGNet enthalpy stability of the first k samples at pressure p (failed ones count).
 
-    hull = ReferenceHull.load(PRESSURE_DATASET, pressure=p)
+    ``hull_relax_steps`` > 0: the hull is built here from the training materials in the
+    samples' chemical systems, relaxed under p like the samples (the consistent comparison: at
+    100 GPa single points at DFT cells sit ~1.6 eV/atom above a hull whose elements CHGNet
+    relaxed); their relaxations are cached and shared by every evaluation at p. 0: the prebuilt
+    single-point hull (``crystal-gpt hull build --pressure P``)."""
+    from crystal_gpt.evaluation.stability import (
+        ReferenceHull,
+        chemical_system,
+        evaluate_stability,
+    )
+
     chosen = [s for s in structures if s is not None][:k]
+    if hull_relax_steps > 0:
+        hull = ReferenceHull.build(
+            PRESSURE_DATASET,
+            splits=["train"],
+            workers=workers,
+            relax_steps=hull_relax_steps,
+            path=None if out_dir is None else Path(out_dir) / f"hull_{p:g}GPa.json",
+            progress=progress,
+            pressure=p,
+            systems={chemical_system(s) for s in chosen},
+        )
+    else:
+        hull = ReferenceHull.load(PRESSURE_DATASET, pressure=p)
     cache = None if out_dir is None else Path(out_dir) / f"relax_{p:g}GPa.jsonl"
     st = evaluate_stability(
         chosen, hull=hull, workers=workers, cache=cache, progress=progress, pressure=p
@@ -263,6 +287,7 @@ def evaluate_pressures(
     description: str = "",
     stability: int = 0,
     stability_pressures: list[float] | None = None,
+    hull_relax_steps: int = 500,
     **sample_options,
 ) -> PressureResult:
     """Sample n crystals at each pressure (seed + index of the pressure) and measure them
@@ -271,8 +296,10 @@ def evaluate_pressures(
 
     ``stability`` > 0: the first that many samples at each of ``stability_pressures`` (default
     all) are relaxed with CHGNet under that pressure and their enthalpy set against the CHGNet
-    enthalpy hull of the training materials at that pressure (``crystal-gpt hull build
-    --dataset alex_pressure --pressure P --splits train``, built once)."""
+    enthalpy hull of the training materials at that pressure: those in the samples' chemical
+    systems relaxed under it too (``hull_relax_steps`` > 0, default), or single points at their
+    DFT cells (0: ``crystal-gpt hull build --dataset alex_pressure --pressure P --splits
+    train``, built once)."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.output import write_samples
     from crystal_gpt.sampling.sampler import sample_crystals
@@ -310,7 +337,9 @@ def evaluate_pressures(
         rows.append(pressure_metrics(structures, groups, float(p), ref, training, workers))
         if stability and (stability_pressures is None or p in stability_pressures):
             rows[-1].update(
-                _stability_at(structures, float(p), stability, workers, out_dir, progress)
+                _stability_at(
+                    structures, float(p), stability, workers, out_dir, progress, hull_relax_steps
+                )
             )
         for i, (c, s) in enumerate(zip(crystals, structures, strict=True)):
             if s is not None:

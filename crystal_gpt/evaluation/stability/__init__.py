@@ -23,7 +23,13 @@ resume cache), ``hull`` (the reference hull, energies above it) and ``sun`` (the
 numbers and S.U.N. of a set of crystals).
 """
 
-from crystal_gpt.evaluation.stability.hull import ReferenceHull, element_structure, hull_path
+from crystal_gpt.evaluation.stability.hull import (
+    ReferenceHull,
+    chemical_system,
+    element_structure,
+    hull_path,
+    parse_systems,
+)
 from crystal_gpt.evaluation.stability.potential import load_potential, potential_tag
 from crystal_gpt.evaluation.stability.relaxation import (
     DEFAULT_FMAX,
@@ -42,11 +48,13 @@ __all__ = [
     "STABLE_THRESHOLD",
     "ReferenceHull",
     "RelaxResult",
+    "chemical_system",
     "displacement_rmsd",
     "element_structure",
     "evaluate_stability",
     "hull_path",
     "load_potential",
+    "parse_systems",
     "potential_tag",
     "read_relax_cache",
     "relax_structures",

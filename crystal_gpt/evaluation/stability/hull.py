@@ -63,11 +63,40 @@ def element_structure(symbol: str) -> Structure | None:
 # --------------------------------------------------------------------------- the hull
 
 
-def hull_path(dataset: str, pressure: float | None = None) -> Path:
+def hull_path(dataset: str, pressure: float | None = None, relaxed: bool = False) -> Path:
     """Where ``crystal-gpt hull build`` stores a dataset's CHGNet reference hull (of
-    enthalpies, at a pressure in GPa)."""
+    enthalpies, at a pressure in GPa; ``relaxed``: reference crystals relaxed, not single
+    points, kept apart because the two answer different questions)."""
     at = "" if pressure is None else f"_{pressure:g}GPa"
-    return cache_dir() / "hull" / f"{Path(dataset).name.removesuffix('.gz')}{at}_chgnet.json"
+    kind = "_relaxed" if relaxed else ""
+    name = Path(dataset).name.removesuffix(".gz")
+    return cache_dir() / "hull" / f"{name}{at}{kind}_chgnet.json"
+
+
+def chemical_system(what: Any) -> frozenset[str]:
+    """The element symbols of a structure, composition or formula."""
+    comp = what.composition if hasattr(what, "composition") else Composition(what)
+    return frozenset(el.symbol for el in comp.element_composition.elements)
+
+
+def system_name(system: Iterable[str]) -> str:
+    """``Fe-O``-style name of a chemical system (alphabetical, as pymatgen's ``chemsys``)."""
+    return "-".join(sorted(system))
+
+
+def parse_systems(systems: Iterable[str | Iterable[str]]) -> list[frozenset[str]]:
+    """Chemical systems from ``"Fe-O"`` names or element collections, checked; the ones
+    contained in a larger given system are dropped (its hull holds theirs)."""
+    out: set[frozenset[str]] = set()
+    for item in systems:
+        symbols = item.replace(" ", "").split("-") if isinstance(item, str) else list(item)
+        bad = [sym for sym in symbols if not Element.is_valid_symbol(sym)]
+        if bad or not symbols:
+            raise ValueError(f"not a chemical system: {item!r} (unknown element {bad or '-'})")
+        out.add(frozenset(symbols))
+    return sorted(
+        (s for s in out if not any(s < t for t in out)), key=lambda s: (len(s), system_name(s))
+    )
 
 
 @dataclass
@@ -84,9 +113,15 @@ class ReferenceHull:
     sources: list[str]  # dataset split, "data" or "ase-bulk"
     meta: dict = field(default_factory=dict)
     last_missing: dict[str, int] = field(default_factory=dict, init=False)
+    last_uncovered: int = field(default=0, init=False)
+    systems: list[frozenset[str]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.energy_per_atom = np.asarray(self.energy_per_atom, dtype=float)
+        listed = self.meta.get("systems")
+        # a hull built for some chemical systems only must not answer for others: its phase
+        # diagram there would lack the competing phases and call anything stable
+        self.systems = None if listed is None else [frozenset(x.split("-")) for x in listed]
         best: dict[str, tuple[float, int, Composition]] = {}
         with warnings.catch_warnings():  # pymatgen: "no Pauling electronegativity for He"
             warnings.simplefilter("ignore", UserWarning)
@@ -123,6 +158,7 @@ class ReferenceHull:
         cache: str | os.PathLike | None = None,
         progress: bool = True,
         pressure: float = 0.0,
+        systems: Iterable[str | Iterable[str]] | None = None,
     ) -> ReferenceHull:
         """A hull from known (already relaxed) crystals plus relaxed ``ase`` elemental references
         for ``elements`` (default: every element of the crystals).
@@ -130,12 +166,26 @@ class ReferenceHull:
         ``relax_steps`` = 0 takes CHGNet single points at the given geometries; > 0 relaxes them
         (resumable through ``cache``, a folder). ``pressure`` (GPa): a hull of enthalpies per
         atom, E/N + P V/N, the crystals given at that pressure and the elemental references
-        relaxed under it.
+        relaxed under it. ``systems`` (``"Fe-O"`` names): only the crystals inside one of these
+        chemical systems (and elemental references for their elements) -- exact for E_hull of
+        crystals in them, at a fraction of the relaxations; the hull refuses other systems.
         """
         t0 = time.perf_counter()
         structures = list(structures)
         ids = list(ids) if ids is not None else [f"ref-{i}" for i in range(len(structures))]
         sources = list(sources) if sources is not None else ["data"] * len(structures)
+        wanted_systems = None if systems is None else parse_systems(systems)
+        if wanted_systems is not None:
+            inside = [
+                i
+                for i, s in enumerate(structures)
+                if any(chemical_system(s) <= sys for sys in wanted_systems)
+            ]
+            structures = [structures[i] for i in inside]
+            ids = [ids[i] for i in inside]
+            sources = [sources[i] for i in inside]
+            if elements is None:
+                elements = {sym for sys in wanted_systems for sym in sys}
         cache_folder = Path(cache) if cache is not None else None
         if relax_steps > 0:
             res = relax_structures(
@@ -209,6 +259,8 @@ class ReferenceHull:
         if pressure:
             meta["pressure_gpa"] = pressure
             meta["reference_energies"] += "; enthalpies per atom E/N + PV/N at that pressure"
+        if wanted_systems is not None:
+            meta["systems"] = [system_name(sys) for sys in wanted_systems]
         return cls(
             ids=[i for i, k in zip(all_ids, keep, strict=True) if k],
             formulas=[f for f, k in zip(all_formulas, keep, strict=True) if k],
@@ -229,11 +281,16 @@ class ReferenceHull:
         path: str | os.PathLike | None = None,
         progress: bool = True,
         pressure: float | None = None,
+        systems: Iterable[str | Iterable[str]] | None = None,
+        cache: str | os.PathLike | None = None,
     ) -> ReferenceHull:
         """Build and save the reference hull of a dataset: all crystals of ``splits`` (default
         train + holdout + test: the largest reference available, as MatterGen prefers a large
         hull), ``limit`` crystals per split at most. What ``crystal-gpt hull build`` runs.
-        ``pressure`` (alex_pressure): the crystals at that pressure, a hull of enthalpies."""
+        ``pressure`` (alex_pressure): the crystals at that pressure, a hull of enthalpies.
+        ``systems``: only these chemical systems (see ``from_structures``). ``cache``: the
+        resume folder (default beside the default hull file, so every build of a dataset at a
+        pressure and treatment shares its relaxations)."""
         from crystal_gpt.data.datasets import load_dataset
 
         t0 = time.perf_counter()
@@ -245,16 +302,18 @@ class ReferenceHull:
                 structures.append(r.structure)
                 ids.append(str(r.id))
                 sources.append(split)
-        out = Path(path) if path is not None else hull_path(dataset, pressure)
+        default = hull_path(dataset, pressure, relaxed=relax_steps > 0)
+        out = Path(path) if path is not None else default
         hull = cls.from_structures(
             structures,
             ids,
             sources,
             relax_steps=relax_steps,
             workers=workers,
-            cache=out.parent / f"{out.stem}_work",
+            cache=Path(cache) if cache is not None else default.parent / f"{default.stem}_work",
             progress=progress,
             pressure=pressure or 0.0,
+            systems=systems,
         )
         hull.meta.update(
             dataset=dataset,
@@ -287,9 +346,10 @@ class ReferenceHull:
         dataset: str = "mp_20",
         path: str | os.PathLike | None = None,
         pressure: float | None = None,
+        relaxed: bool = False,
     ) -> ReferenceHull:
         """The saved hull of a dataset (or a file); says how to build it when it is missing."""
-        p = Path(path) if path is not None else hull_path(dataset, pressure)
+        p = Path(path) if path is not None else hull_path(dataset, pressure, relaxed)
         shipped = Path(str(resources.files("crystal_gpt") / "references")) / (
             hull_path(dataset).name + ".gz"
         )
@@ -300,7 +360,8 @@ class ReferenceHull:
                 f"no CHGNet reference hull for {dataset!r}"
                 f"{'' if pressure is None else f' at {pressure:g} GPa'} at {p}; build it once "
                 f"with `crystal-gpt hull build --dataset {dataset}"
-                f"{'' if pressure is None else f' --pressure {pressure:g} --splits train'}` "
+                f"{'' if pressure is None else f' --pressure {pressure:g} --splits train'}"
+                f"{' --relax-steps 500' if relaxed else ''}` "
                 "(mp_20: about 10 min on one core; needs the eval extra)"
             )
         if p.suffix == ".gz":
@@ -323,6 +384,8 @@ class ReferenceHull:
             what += " " + "+".join(m["splits"])
         if m.get("limit"):
             what += f" (first {m['limit']} per split)"
+        if m.get("systems"):
+            what += f" in {len(m['systems'])} chemical systems"
         n_el = len(m.get("elements_from_ase", []))
         return (
             f"{m.get('potential', 'CHGNet')} hull of {what}: {m.get('n_crystals', len(self))} "
@@ -336,6 +399,11 @@ class ReferenceHull:
         system = frozenset(elements)
         pd = self._diagrams.get(system)
         if pd is None:
+            if not self.covers(system):
+                raise ValueError(
+                    f"this hull was built for {len(self.systems or ())} chemical systems, not "
+                    f"{system_name(system)}: rebuild it with that system (hull build --systems)"
+                )
             absent = system - self.elements
             if absent:
                 raise ValueError(f"no elemental reference for {', '.join(sorted(absent))}")
@@ -352,14 +420,21 @@ class ReferenceHull:
             self._diagrams[system] = pd
         return pd
 
+    def covers(self, system: Iterable[str]) -> bool:
+        """Whether this hull holds every reference crystal of that chemical system."""
+        system = frozenset(system)
+        return self.systems is None or any(system <= s for s in self.systems)
+
     def e_above_hull(self, items: Sequence[Any]) -> np.ndarray:
         """Energy above the hull (eV/atom) of each item: a pymatgen entry (``PDEntry``,
         ``ComputedEntry``: total energy) or a ``(structure | composition | formula,
         energy_per_atom)`` pair. Negative: below the reference hull (a new stable phase).
         NaN where the energy is NaN or an element has no reference; the missing elements are
-        warned about and kept in ``last_missing`` (element -> crystals)."""
+        warned about and kept in ``last_missing`` (element -> crystals); NaN too for a crystal
+        outside the chemical systems a restricted hull was built for (``last_uncovered``)."""
         out = np.full(len(items), np.nan)
         missing: Counter[str] = Counter()
+        uncovered = 0
         for i, item in enumerate(items):
             if hasattr(item, "composition") and hasattr(item, "energy"):
                 comp = Composition(item.composition)
@@ -372,6 +447,9 @@ class ReferenceHull:
                 continue
             comp = comp.element_composition  # oxidation states (Li+) play no part in a hull
             system = frozenset(el.symbol for el in comp.elements)
+            if not self.covers(system):
+                uncovered += 1
+                continue
             absent = system - self.elements
             if absent:
                 missing.update(absent)
@@ -383,6 +461,13 @@ class ReferenceHull:
             )
             out[i] = np.nan if e_hull is None else float(e_hull)
         self.last_missing = dict(missing)
+        self.last_uncovered = uncovered
+        if uncovered:
+            warnings.warn(
+                f"E_hull is NaN for {uncovered} crystals outside the chemical systems this hull "
+                "was built for",
+                stacklevel=2,
+            )
         if missing:
             warnings.warn(
                 "E_hull is NaN for crystals with elements that have no reference in this hull: "
