@@ -543,6 +543,8 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be at least 1 (samples per composition), got {args.k}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if args.candidates is not None and args.candidates < args.k:
+        raise ValueError(f"--candidates ({args.candidates}) must be at least -k ({args.k})")
     prepare_output_folder(args.out, CSP_FILES)  # a bad --out fails now, not after the run
     model = load_model(args.model, pick_device(args.device))
     pressures = None if args.pressure is None else [args.pressure]
@@ -569,6 +571,7 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         f"{'' if pressures is None else f' at {args.pressure:g} GPa'}, {subset}",
         min_distance=_parse_min_distance(args.min_distance),
         conditions=_target_conditions(model, records),
+        candidates=args.candidates,
     )
     out = result.write(args.out)  # checked up front (prepare_output_folder)
     summary = result.summary()
@@ -1140,7 +1143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="alex_pressure: the targets at this pressure (GPa: 0, 25, ..., 150); a "
         "pressure-conditioned model is given it with each composition",
     )
-    cs.add_argument("-k", type=int, default=20, help="samples per composition (default 20)")
+    cs.add_argument("-k", type=int, default=20, help="predictions per composition (default 20)")
+    cs.add_argument(
+        "--candidates", type=int, metavar="M", help="draw M >= k samples per composition and "
+        "predict the k most probable distinct structures among them (how often drawn, then "
+        "the discrete draws' log-probability); default: the k samples as drawn",
+    )  # fmt: skip
     cs.add_argument("--limit", type=int, help="a random subset of this many test crystals")
     cs.add_argument("--subset-seed", type=int, default=0, help="seed of --limit's subset")
     cs.add_argument("--temperature", type=float, default=1.0, help="as for sample (default 1)")

@@ -86,9 +86,53 @@ def _rms_distances(job: tuple[Structure, list[Structure | None]]) -> list[float]
     return out
 
 
-def _match_job(job: tuple[Structure, list[Structure | None]]) -> tuple[list[float], list[bool]]:
-    """RMS distances and the candidates' validity, in one worker call."""
-    return _rms_distances(job), [crystal_validity(c) for c in job[1]]
+def rank_candidates(
+    structures: list[Structure | None], groups: list[int], scores: list[float]
+) -> list[int]:
+    """Distinct candidates, most probable first: samples of one space group that
+    ``StructureMatcher`` (the protocol's tolerances) calls the same structure are one candidate,
+    ranked by how many samples drew it (a Monte Carlo estimate of its probability mass), ties by
+    ``scores`` (e.g. the log-probability of the discrete draws); each candidate is represented by
+    its highest-scoring sample. Returns the representatives' indices; failed samples (None) are
+    left out. Comparing within a space group only keeps the cost near linear, and a distorted
+    copy of a higher-symmetry structure is counted as a distinct guess."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(**MATCHER)
+    clusters: list[list[int]] = []
+    by_group: dict[int, list[list[int]]] = {}
+    for i, s in enumerate(structures):
+        if s is None:
+            continue
+        for cluster in by_group.setdefault(groups[i], []):
+            try:
+                same = matcher.fit(structures[cluster[0]], s)
+            except Exception:  # degenerate cells: treat as distinct
+                same = False
+            if same:
+                cluster.append(i)
+                break
+        else:
+            by_group[groups[i]].append([i])
+            clusters.append(by_group[groups[i]][-1])
+    best = [max(c, key=lambda i: (scores[i], -i)) for c in clusters]
+    order = sorted(range(len(clusters)), key=lambda j: (-len(clusters[j]), -scores[best[j]], j))
+    return [best[j] for j in order]
+
+
+def _match_job(
+    job: tuple[Structure, list[Structure | None]]
+    | tuple[Structure, list[Structure | None], list[int], list[float], int],
+) -> tuple[list[float], list[bool]]:
+    """RMS distances and the candidates' validity, in one worker call. With groups, scores and
+    k: the k first distinct candidates of :func:`rank_candidates` are the predictions (fewer
+    distinct ones leave the rest of the k slots empty)."""
+    target, candidates = job[0], job[1]
+    if len(job) == 5:
+        groups, scores, k = job[2], job[3], job[4]
+        picked = rank_candidates(candidates, groups, scores)[:k]
+        candidates = [candidates[i] for i in picked] + [None] * (k - len(picked))
+    return _rms_distances((target, candidates)), [crystal_validity(c) for c in candidates]
 
 
 def _best(rms: np.ndarray) -> np.ndarray:
@@ -202,16 +246,26 @@ def evaluate_csp(
     description: str = "",
     min_distance: float | str | None = "auto",
     conditions: dict[str, np.ndarray] | None = None,
+    candidates: int | None = None,
 ) -> CSPResult:
     """Sample k structures per target composition and match them against the target
     (``min_distance``: the sampler's distance rule; ``conditions``: name -> one value per
-    target, e.g. its pressure, given to a conditioned model with the composition)."""
+    target, e.g. its pressure, given to a conditioned model with the composition).
+
+    ``candidates`` = m > k: draw m per target and predict the k most probable distinct
+    structures among them (:func:`rank_candidates`: by how often drawn, then by the
+    log-probability of the space group, letters and types), the first of them @1 -- one
+    prediction still, chosen from the model's own draws without looking at the target."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.utils import parallel_map
 
     if k < 1:
         raise ValueError("k must be at least 1")
+    if candidates is not None and candidates < k:
+        raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
+    m = candidates or k
+    ranked = m > k
     ids = ids or [str(i) for i in range(len(targets))]
     t0 = time.perf_counter()
     jobs = [(s, model.config.max_sites) for s in targets]
@@ -220,9 +274,9 @@ def evaluate_csp(
     feasible = np.array([ok for _, ok in prepared], dtype=bool)
     t1 = time.perf_counter()
     todo = [i for i in range(len(targets)) if feasible[i]]
-    rows = [comps[i] for i in todo for _ in range(k)]
+    rows = [comps[i] for i in todo for _ in range(m)]
     asked = {
-        name: np.repeat(np.asarray(v, dtype=float)[todo], k)
+        name: np.repeat(np.asarray(v, dtype=float)[todo], m)
         for name, v in (conditions or {}).items()
     }
     crystals = sample_crystals(
@@ -247,8 +301,31 @@ def evaluate_csp(
             generated.append(decode(c))
         except Exception:  # a lattice the decoder rejects counts as a failed sample
             generated.append(None)
+    groups = [0 if c is None else int(c.spacegroup) for c in crystals]
+    scores = [-math.inf] * len(crystals)
+    if ranked:  # the discrete draws' log-probability: a mass, comparable between candidates
+        drawn = [j for j, c in enumerate(crystals) if c is not None]
+        if drawn:
+            lp = model.crystal_log_prob(
+                [crystals[j] for j in drawn],
+                conditions={name: v[drawn] for name, v in asked.items()} or None,
+            )
+            discrete = (lp["g"] + lp["W"] + lp["A"]).tolist()
+            for j, v in zip(drawn, discrete, strict=True):
+                scores[j] = float(v)
     t2 = time.perf_counter()
-    jobs = [(targets[i], generated[j * k : (j + 1) * k]) for j, i in enumerate(todo)]
+    jobs = [
+        (targets[i], generated[j * m : (j + 1) * m])
+        if not ranked
+        else (
+            targets[i],
+            generated[j * m : (j + 1) * m],
+            groups[j * m : (j + 1) * m],
+            scores[j * m : (j + 1) * m],
+            k,
+        )
+        for j, i in enumerate(todo)
+    ]
     matched = parallel_map(_match_job, jobs, workers, len(jobs), "matching", progress)
     t3 = time.perf_counter()
     rms = np.full((len(targets), k), np.nan)
@@ -271,8 +348,14 @@ def evaluate_csp(
             "matching": round(t3 - t2, 2),
         },
         protocol=(
-            f"CSP, composition = primitive cell of each target; {k} samples per target "
-            f"(temperature {temperature}, top-p {top_p}, seed {seed}, min distance "
+            f"CSP, composition = primitive cell of each target; {k} "
+            + (
+                f"predictions per target, the most probable distinct structures among {m} "
+                "samples (ranked by how often drawn, then the discrete draws' log-probability) "
+                if ranked
+                else "samples per target "
+            )
+            + f"(temperature {temperature}, top-p {top_p}, seed {seed}, min distance "
             f"{min_distance}); StructureMatcher(stol=0.5, "
             "angle_tol=10, ltol=0.3); match rate over all targets, RMSE over matched; a match "
             "counts only for a valid prediction (and, @1, a valid target), the ungated "
