@@ -73,11 +73,11 @@ def test_csp_validity_gate():
                                           [[0] * 3, [0.5] * 3, [0.25] * 3]))  # fmt: skip
 
 
-def test_ranked_candidates_most_often_drawn_first_ties_by_score():
+def test_ranked_candidates_most_often_drawn_first_ties_by_mass():
     """Rock salt drawn three times (supercell, shaken, rescaled), CsCl twice, a failed sample,
-    two zinc-blende draws told apart from rock salt only by their group: rock salt first, its
-    representative the best-scored copy; CsCl and zinc blende tie on counts, the higher score
-    first; the None never appears."""
+    zinc blende twice (told apart from rock salt by its group): rock salt first, represented by
+    its most probable geometry (density); CsCl and zinc blende tie on counts, the larger
+    discrete mass first; then the other draws of each structure in that order; never the None."""
     shaken = _rocksalt()
     shaken.perturb(0.05, min_distance=0.05)
     cscl = Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
@@ -85,8 +85,10 @@ def test_ranked_candidates_most_often_drawn_first_ties_by_score():
     draws = [_rocksalt(), cscl, shaken, None, zb, _rocksalt(5.9).get_primitive_structure(),
              cscl.copy(), zb.copy()]  # fmt: skip
     groups = [225, 221, 225, 0, 216, 225, 221, 216]
-    scores = [-1.0, -3.0, -0.5, 0.0, -2.0, -4.0, -3.5, -2.5]
-    assert rank_candidates(draws, groups, scores) == [2, 4, 1]
+    mass = [-1.0, -3.0, -1.0, 0.0, -2.0, -1.0, -3.0, -2.0]
+    density = [5.0, 1.0, 2.0, 0.0, 3.0, 9.0, 4.0, 1.0]
+    assert rank_candidates(draws, groups, mass, density) == [5, 4, 6, 0, 2, 7, 1]
+    assert rank_candidates(draws, groups, mass)[:3] == [0, 4, 1]  # ties: the first drawn
     assert rank_candidates([None, None], [0, 0], [0.0, 0.0]) == []
 
 

@@ -87,17 +87,24 @@ def _rms_distances(job: tuple[Structure, list[Structure | None]]) -> list[float]
 
 
 def rank_candidates(
-    structures: list[Structure | None], groups: list[int], scores: list[float]
+    structures: list[Structure | None],
+    groups: list[int],
+    mass: list[float],
+    density: list[float] | None = None,
 ) -> list[int]:
-    """Distinct candidates, most probable first: samples of one space group that
-    ``StructureMatcher`` (the protocol's tolerances) calls the same structure are one candidate,
-    ranked by how many samples drew it (a Monte Carlo estimate of its probability mass), ties by
-    ``scores`` (e.g. the log-probability of the discrete draws); each candidate is represented by
-    its highest-scoring sample. Returns the representatives' indices; failed samples (None) are
-    left out. Comparing within a space group only keeps the cost near linear, and a distorted
-    copy of a higher-symmetry structure is counted as a distinct guess."""
+    """Every drawn sample once, most probable structure first: samples of one space group
+    that ``StructureMatcher`` (the protocol's tolerances) calls the same structure are one
+    candidate, ranked by how many samples drew it (a Monte Carlo estimate of its probability
+    mass), ties by ``mass`` (the log-probability of the discrete draws: group, letters, types);
+    each candidate represented by its sample of highest ``density`` (the full log-probability,
+    comparable within a candidate; default ``mass``). The representatives come first, then the
+    other draws of each candidate in the same order (they fill k predictions when fewer than k
+    distinct structures were drawn). Failed samples (None) are left out. Comparing within a
+    space group keeps the cost near linear; a distorted copy of a higher-symmetry structure
+    counts as a distinct guess."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
+    density = mass if density is None else density
     matcher = StructureMatcher(**MATCHER)
     clusters: list[list[int]] = []
     by_group: dict[int, list[list[int]]] = {}
@@ -115,22 +122,21 @@ def rank_candidates(
         else:
             by_group[groups[i]].append([i])
             clusters.append(by_group[groups[i]][-1])
-    best = [max(c, key=lambda i: (scores[i], -i)) for c in clusters]
-    order = sorted(range(len(clusters)), key=lambda j: (-len(clusters[j]), -scores[best[j]], j))
-    return [best[j] for j in order]
+    members = [sorted(c, key=lambda i: (-density[i], i)) for c in clusters]
+    order = sorted(range(len(clusters)), key=lambda j: (-len(members[j]), -mass[members[j][0]], j))
+    return [members[j][0] for j in order] + [i for j in order for i in members[j][1:]]
 
 
 def _match_job(
     job: tuple[Structure, list[Structure | None]]
-    | tuple[Structure, list[Structure | None], list[int], list[float], int],
+    | tuple[Structure, list[Structure | None], list[int], list[float], list[float], int],
 ) -> tuple[list[float], list[bool]]:
-    """RMS distances and the candidates' validity, in one worker call. With groups, scores and
-    k: the k first distinct candidates of :func:`rank_candidates` are the predictions (fewer
-    distinct ones leave the rest of the k slots empty)."""
+    """RMS distances and the candidates' validity, in one worker call. With groups, masses,
+    densities and k: the k first samples of :func:`rank_candidates` are the predictions."""
     target, candidates = job[0], job[1]
-    if len(job) == 5:
-        groups, scores, k = job[2], job[3], job[4]
-        picked = rank_candidates(candidates, groups, scores)[:k]
+    if len(job) == 6:
+        groups, mass, density, k = job[2], job[3], job[4], job[5]
+        picked = rank_candidates(candidates, groups, mass, density)[:k]
         candidates = [candidates[i] for i in picked] + [None] * (k - len(picked))
     return _rms_distances((target, candidates)), [crystal_validity(c) for c in candidates]
 
@@ -252,10 +258,11 @@ def evaluate_csp(
     (``min_distance``: the sampler's distance rule; ``conditions``: name -> one value per
     target, e.g. its pressure, given to a conditioned model with the composition).
 
-    ``candidates`` = m > k: draw m per target and predict the k most probable distinct
+    ``candidates`` = m >= k: draw m per target and predict the k most probable distinct
     structures among them (:func:`rank_candidates`: by how often drawn, then by the
-    log-probability of the space group, letters and types), the first of them @1 -- one
-    prediction still, chosen from the model's own draws without looking at the target."""
+    log-probability of the space group, letters and types; other draws of the most probable
+    ones where fewer than k are distinct), the first of them @1 -- one prediction still,
+    chosen from the model's own draws without looking at the target."""
     from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.utils import parallel_map
@@ -265,7 +272,7 @@ def evaluate_csp(
     if candidates is not None and candidates < k:
         raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
     m = candidates or k
-    ranked = m > k
+    ranked = candidates is not None
     ids = ids or [str(i) for i in range(len(targets))]
     t0 = time.perf_counter()
     jobs = [(s, model.config.max_sites) for s in targets]
@@ -302,8 +309,9 @@ def evaluate_csp(
         except Exception:  # a lattice the decoder rejects counts as a failed sample
             generated.append(None)
     groups = [0 if c is None else int(c.spacegroup) for c in crystals]
-    scores = [-math.inf] * len(crystals)
-    if ranked:  # the discrete draws' log-probability: a mass, comparable between candidates
+    mass = [-math.inf] * len(crystals)
+    density = [-math.inf] * len(crystals)
+    if ranked:  # the discrete draws' log-probability is a mass, comparable between candidates
         drawn = [j for j, c in enumerate(crystals) if c is not None]
         if drawn:
             lp = model.crystal_log_prob(
@@ -311,8 +319,8 @@ def evaluate_csp(
                 conditions={name: v[drawn] for name, v in asked.items()} or None,
             )
             discrete = (lp["g"] + lp["W"] + lp["A"]).tolist()
-            for j, v in zip(drawn, discrete, strict=True):
-                scores[j] = float(v)
+            for j, v, t in zip(drawn, discrete, lp["total"].tolist(), strict=True):
+                mass[j], density[j] = float(v), float(t)
     t2 = time.perf_counter()
     jobs = [
         (targets[i], generated[j * m : (j + 1) * m])
@@ -321,7 +329,8 @@ def evaluate_csp(
             targets[i],
             generated[j * m : (j + 1) * m],
             groups[j * m : (j + 1) * m],
-            scores[j * m : (j + 1) * m],
+            mass[j * m : (j + 1) * m],
+            density[j * m : (j + 1) * m],
             k,
         )
         for j, i in enumerate(todo)
