@@ -178,6 +178,8 @@ class PressureResult:
                 "CHGNet enthalpy stability (relaxed under the pressure; hull of the training "
                 "materials' enthalpies at that pressure):",
                 "",
+                *(f"- {r['pressure']:g} GPa: {r['hull']}" for r in stab),
+                "",
                 "| GPa | relaxed | H - H_hull <= 0.1 eV/atom | <= 0 | median H - H_hull | "
                 "converged | failed |",
                 "|---|---|---|---|---|---|---|",
