@@ -140,3 +140,29 @@ def test_bad_csp_arguments_fail_before_any_work(capsys):
     assert cli_main(["evaluate-csp", "-k", "0"]) == 2
     assert "-k must be at least 1" in capsys.readouterr().err
     assert cli_main(["evaluate-csp", "--limit", "0"]) == 2
+
+
+def test_predict_structures_gives_distinct_ranked_structures_of_the_composition():
+    """perov_5 is not composition-conditioned but the exact-composition constraint holds for
+    any model: 30 draws of SrTiO3, the distinct structures most often drawn first, no two of
+    them the same structure, their draws adding up to at most 30."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    model = load_model("perov_5")
+    out = model.predict_structures("SrTiO3", k=4, candidates=30, seed=0)
+    assert 1 <= len(out) <= 4
+    assert all(s.composition.reduced_formula == "SrTiO3" for s in out)
+    draws = [s.properties["draws"] for s in out]
+    assert draws == sorted(draws, reverse=True) and sum(draws) <= 30
+    assert all(math.isfinite(s.properties["log_prob"]) for s in out)
+    sm = StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+    for i in range(len(out)):
+        for j in range(i):
+            same_group = out[i].get_space_group_info()[1] == out[j].get_space_group_info()[1]
+            assert not (same_group and sm.fit(out[i], out[j]))
+    try:
+        model.predict_structures("SrTiO3", k=5, candidates=3)
+    except ValueError as err:
+        assert "k <= candidates" in str(err)
+    else:
+        raise AssertionError("k > candidates accepted")

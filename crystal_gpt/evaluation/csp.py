@@ -86,22 +86,14 @@ def _rms_distances(job: tuple[Structure, list[Structure | None]]) -> list[float]
     return out
 
 
-def rank_candidates(
+def candidate_clusters(
     structures: list[Structure | None],
     groups: list[int],
     mass: list[float],
     density: list[float] | None = None,
-) -> list[int]:
-    """Every drawn sample once, most probable structure first: samples of one space group
-    that ``StructureMatcher`` (the protocol's tolerances) calls the same structure are one
-    candidate, ranked by how many samples drew it (a Monte Carlo estimate of its probability
-    mass), ties by ``mass`` (the log-probability of the discrete draws: group, letters, types);
-    each candidate represented by its sample of highest ``density`` (the full log-probability,
-    comparable within a candidate; default ``mass``). The representatives come first, then the
-    other draws of each candidate in the same order (they fill k predictions when fewer than k
-    distinct structures were drawn). Failed samples (None) are left out. Comparing within a
-    space group keeps the cost near linear; a distorted copy of a higher-symmetry structure
-    counts as a distinct guess."""
+) -> list[list[int]]:
+    """The drawn samples as distinct structures, most probable first, each a list of sample
+    indices with its representative first (see :func:`rank_candidates`)."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     density = mass if density is None else density
@@ -124,7 +116,68 @@ def rank_candidates(
             clusters.append(by_group[groups[i]][-1])
     members = [sorted(c, key=lambda i: (-density[i], i)) for c in clusters]
     order = sorted(range(len(clusters)), key=lambda j: (-len(members[j]), -mass[members[j][0]], j))
-    return [members[j][0] for j in order] + [i for j in order for i in members[j][1:]]
+    return [members[j] for j in order]
+
+
+def rank_candidates(
+    structures: list[Structure | None],
+    groups: list[int],
+    mass: list[float],
+    density: list[float] | None = None,
+) -> list[int]:
+    """Every drawn sample once, most probable structure first: samples of one space group
+    that ``StructureMatcher`` (the protocol's tolerances) calls the same structure are one
+    candidate, ranked by how many samples drew it (a Monte Carlo estimate of its probability
+    mass), ties by ``mass`` (the log-probability of the discrete draws: group, letters, types);
+    each candidate represented by its sample of highest ``density`` (the full log-probability,
+    comparable within a candidate; default ``mass``). The representatives come first, then the
+    other draws of each candidate in the same order (they fill k predictions when fewer than k
+    distinct structures were drawn). Failed samples (None) are left out. Comparing within a
+    space group keeps the cost near linear; a distorted copy of a higher-symmetry structure
+    counts as a distinct guess."""
+    clusters = candidate_clusters(structures, groups, mass, density)
+    return [c[0] for c in clusters] + [i for c in clusters for i in c[1:]]
+
+
+def predict_structures(
+    model,
+    composition,
+    k: int = 5,
+    candidates: int = 40,
+    *,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    conditions: dict | None = None,
+    min_distance: float | str | None = "auto",
+) -> list[Structure]:
+    """Structure prediction for one composition: the k most probable distinct structures
+    among ``candidates`` draws of a composition-conditioned model (fewer if fewer are
+    distinct; a draw the sampler cannot place after its redraws is dropped), each with
+    ``properties["draws"]`` (how many of the draws it took) and ``properties["log_prob"]``
+    (its representative's log-likelihood, nats)."""
+    from crystal_gpt.data.codec import decode
+    from crystal_gpt.sampling.sampler import sample_crystals
+
+    if k < 1 or candidates < k:
+        raise ValueError(f"need 1 <= k <= candidates, got k={k}, candidates={candidates}")
+    crystals = sample_crystals(
+        model, candidates, composition=composition, temperature=temperature, seed=seed,
+        conditions=conditions, min_distance=min_distance, progress=False, give_up=True,
+    )  # fmt: skip
+    crystals = [c for c in crystals if c is not None]  # a draw that found no room is dropped
+    if not crystals:
+        raise ValueError(f"the model placed none of {candidates} draws of {composition}")
+    structures = [decode(c) for c in crystals]
+    lp = model.crystal_log_prob(crystals, conditions=conditions)
+    mass = (lp["g"] + lp["W"] + lp["A"]).tolist()
+    total = lp["total"].tolist()
+    clusters = candidate_clusters(structures, [c.spacegroup for c in crystals], mass, total)
+    out = []
+    for members in clusters[:k]:
+        s = structures[members[0]].copy()
+        s.properties.update(draws=len(members), log_prob=round(float(total[members[0]]), 4))
+        out.append(s)
+    return out
 
 
 def _match_job(

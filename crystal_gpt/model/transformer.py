@@ -26,7 +26,7 @@ Building blocks (tables as tensors, attention block, features) live in ``model.l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -631,6 +631,17 @@ class CrystalGPT(nn.Module):
             guidance=guidance,
         )
         return [decode(c) for c in crystals]
+
+    def predict_structures(
+        self, composition, k: int = 5, candidates: int = 40, **options: Any
+    ) -> list:
+        """Structure prediction (a composition-conditioned model): the k most probable distinct
+        structures among ``candidates`` draws, most probable first, each with
+        ``properties["draws"]`` and ``["log_prob"]`` (``evaluation.csp.predict_structures``;
+        ``options``: temperature, seed, conditions, min_distance)."""
+        from crystal_gpt.evaluation.csp import predict_structures
+
+        return predict_structures(self, composition, k, candidates, **options)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
