@@ -139,6 +139,26 @@ def rank_candidates(
     return [c[0] for c in clusters] + [i for c in clusters for i in c[1:]]
 
 
+def draw_scores(model, crystals: list, conditions: dict | None = None) -> tuple[list, list]:
+    """(mass, density) of each drawn crystal for :func:`rank_candidates`: the log-probability
+    of its discrete draws (group, letters, types: a mass, comparable between candidates) and
+    its full log-likelihood; -inf for a failed draw (None). ``conditions``: name -> a value, or
+    one per crystal."""
+    mass = [-math.inf] * len(crystals)
+    density = [-math.inf] * len(crystals)
+    drawn = [j for j, c in enumerate(crystals) if c is not None]
+    if drawn:
+        picked = {
+            name: np.asarray(v)[drawn] if np.ndim(v) else v
+            for name, v in (conditions or {}).items()
+        }
+        lp = model.crystal_log_prob([crystals[j] for j in drawn], conditions=picked or None)
+        discrete = (lp["g"] + lp["W"] + lp["A"]).tolist()
+        for j, v, t in zip(drawn, discrete, lp["total"].tolist(), strict=True):
+            mass[j], density[j] = float(v), float(t)
+    return mass, density
+
+
 def predict_structures(
     model,
     composition,
@@ -168,9 +188,7 @@ def predict_structures(
     if not crystals:
         raise ValueError(f"the model placed none of {candidates} draws of {composition}")
     structures = [decode(c) for c in crystals]
-    lp = model.crystal_log_prob(crystals, conditions=conditions)
-    mass = (lp["g"] + lp["W"] + lp["A"]).tolist()
-    total = lp["total"].tolist()
+    mass, total = draw_scores(model, crystals, conditions)
     clusters = candidate_clusters(structures, [c.spacegroup for c in crystals], mass, total)
     out = []
     for members in clusters[:k]:
@@ -181,14 +199,14 @@ def predict_structures(
 
 
 def _match_job(
-    job: tuple[Structure, list[Structure | None]]
-    | tuple[Structure, list[Structure | None], list[int], list[float], list[float], int],
+    job: tuple[Structure, list[Structure | None], tuple | None],
 ) -> tuple[list[float], list[bool]]:
-    """RMS distances and the candidates' validity, in one worker call. With groups, masses,
-    densities and k: the k first samples of :func:`rank_candidates` are the predictions."""
-    target, candidates = job[0], job[1]
-    if len(job) == 6:
-        groups, mass, density, k = job[2], job[3], job[4], job[5]
+    """RMS distances and the candidates' validity, in one worker call. With a ranking
+    (groups, masses, densities, k): the k first samples of :func:`rank_candidates` are the
+    predictions."""
+    target, candidates, ranking = job
+    if ranking is not None:
+        groups, mass, density, k = ranking
         picked = rank_candidates(candidates, groups, mass, density)[:k]
         candidates = [candidates[i] for i in picked] + [None] * (k - len(picked))
     return _rms_distances((target, candidates)), [crystal_validity(c) for c in candidates]
@@ -361,33 +379,16 @@ def evaluate_csp(
             generated.append(decode(c))
         except Exception:  # a lattice the decoder rejects counts as a failed sample
             generated.append(None)
-    groups = [0 if c is None else int(c.spacegroup) for c in crystals]
-    mass = [-math.inf] * len(crystals)
-    density = [-math.inf] * len(crystals)
-    if ranked:  # the discrete draws' log-probability is a mass, comparable between candidates
-        drawn = [j for j, c in enumerate(crystals) if c is not None]
-        if drawn:
-            lp = model.crystal_log_prob(
-                [crystals[j] for j in drawn],
-                conditions={name: v[drawn] for name, v in asked.items()} or None,
-            )
-            discrete = (lp["g"] + lp["W"] + lp["A"]).tolist()
-            for j, v, t in zip(drawn, discrete, lp["total"].tolist(), strict=True):
-                mass[j], density[j] = float(v), float(t)
+    if ranked:
+        groups = [0 if c is None else int(c.spacegroup) for c in crystals]
+        mass, density = draw_scores(model, crystals, asked)
     t2 = time.perf_counter()
-    jobs = [
-        (targets[i], generated[j * m : (j + 1) * m])
-        if not ranked
-        else (
-            targets[i],
-            generated[j * m : (j + 1) * m],
-            groups[j * m : (j + 1) * m],
-            mass[j * m : (j + 1) * m],
-            density[j * m : (j + 1) * m],
-            k,
-        )
-        for j, i in enumerate(todo)
-    ]
+
+    def ranking(j: int) -> tuple | None:
+        part = slice(j * m, (j + 1) * m)
+        return (groups[part], mass[part], density[part], k) if ranked else None
+
+    jobs = [(targets[i], generated[j * m : (j + 1) * m], ranking(j)) for j, i in enumerate(todo)]
     matched = parallel_map(_match_job, jobs, workers, len(jobs), "matching", progress)
     t3 = time.perf_counter()
     rms = np.full((len(targets), k), np.nan)
