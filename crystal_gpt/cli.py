@@ -545,7 +545,12 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.candidates is not None and args.candidates < args.k:
         raise ValueError(f"--candidates ({args.candidates}) must be at least -k ({args.k})")
-    prepare_output_folder(args.out, CSP_FILES)  # a bad --out fails now, not after the run
+    if args.resume and args.chunk_size is None:
+        raise ValueError("--resume continues a run in chunks: give its --chunk-size too")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    stale = CSP_FILES if args.resume else (*CSP_FILES, "chunks/*.npz", "chunks/settings.json")
+    prepare_output_folder(args.out, stale)  # a bad --out fails now, not after the run
     model = load_model(args.model, pick_device(args.device))
     pressures = None if args.pressure is None else [args.pressure]
     data = load_dataset(args.dataset, args.split, pressures=pressures)
@@ -558,21 +563,33 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         if args.limit is not None and args.limit < len(data)
         else f"all {len(records)} crystals"
     )
-    result = evaluate_csp(
-        model,
-        [r.structure for r in records],
-        [r.id for r in records],
+    options = dict(
         k=args.k,
         temperature=args.temperature,
         top_p=args.top_p,
-        seed=args.seed,
         workers=args.workers,
         description=f"model {args.model}; {args.dataset} {args.split}"
         f"{'' if pressures is None else f' at {args.pressure:g} GPa'}, {subset}",
         min_distance=_parse_min_distance(args.min_distance),
-        conditions=_target_conditions(model, records),
         candidates=args.candidates,
     )
+    targets, ids = [r.structure for r in records], [r.id for r in records]
+    conditions = _target_conditions(model, records)
+    if args.chunk_size is None:
+        result = evaluate_csp(model, targets, ids, seed=args.seed, conditions=conditions, **options)
+    else:
+        from crystal_gpt.evaluation.csp import evaluate_csp_in_chunks
+
+        settings = {
+            "model": str(args.model), "dataset": args.dataset, "split": args.split,
+            "pressure": args.pressure, "limit": args.limit, "subset_seed": args.subset_seed,
+            **{key: v for key, v in options.items() if key not in ("workers", "description")},
+        }  # fmt: skip
+        result = evaluate_csp_in_chunks(
+            model, targets, ids, Path(args.out) / "chunks", chunk_size=args.chunk_size,
+            settings=settings, seed=args.seed, conditions=conditions,
+            log=lambda line: print(line, file=sys.stderr, flush=True), **options,
+        )  # fmt: skip
     out = result.write(args.out)  # checked up front (prepare_output_folder)
     summary = result.summary()
     k = args.k
@@ -1160,6 +1177,15 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     cs.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     cs.add_argument("--out", default="csp_eval", help="output folder (default ./csp_eval)")
+    cs.add_argument(
+        "--chunk-size", type=int, metavar="N", help="work through the targets N at a time, "
+        "each finished chunk saved under OUT/chunks/ (chunk c seeded from --seed and c), so "
+        "that a long run can be stopped and continued with --resume",
+    )  # fmt: skip
+    cs.add_argument(
+        "--resume", action="store_true", help="with --chunk-size: keep the chunks already in "
+        "OUT/chunks/ (same settings required) and draw only the missing ones",
+    )  # fmt: skip
     _executor_options(cs)
     cs.set_defaults(func=cmd_evaluate_csp)
 

@@ -166,3 +166,31 @@ def test_predict_structures_gives_distinct_ranked_structures_of_the_composition(
         assert "k <= candidates" in str(err)
     else:
         raise AssertionError("k > candidates accepted")
+
+
+def test_csp_in_chunks_resumes_from_saved_chunks_and_refuses_other_settings(tmp_path, capsys):
+    from crystal_gpt.cli import main as cli_main
+
+    out = tmp_path / "csp"
+    args = ["evaluate-csp", "--model", "perov_5", "--dataset", "perov_5", "--limit", "5",
+            "-k", "2", "--workers", "1", "--out", str(out), "--chunk-size", "2"]  # fmt: skip
+    assert cli_main(args) == 0
+    chunks = sorted(p.name for p in (out / "chunks").glob("chunk-*.npz"))
+    assert chunks == ["chunk-00000.npz", "chunk-00001.npz", "chunk-00002.npz"]
+    first = (out / "csp.csv").read_text()
+    assert len(first.splitlines()) == 6 and "chunks of 2 targets" in (out / "csp.md").read_text()
+    # a stopped run: the middle chunk lost; --resume redraws it alone and gets the same result
+    (out / "chunks" / "chunk-00001.npz").unlink()
+    stamp = (out / "chunks" / "chunk-00000.npz").stat().st_mtime_ns
+    assert cli_main([*args, "--resume"]) == 0
+    assert (out / "csp.csv").read_text() == first
+    assert (out / "chunks" / "chunk-00000.npz").stat().st_mtime_ns == stamp  # read, not redrawn
+    assert "chunk 2/3" in capsys.readouterr().err
+    # other settings never mix into the saved chunks; --resume needs the chunk size
+    assert cli_main([*args[:-2], "--chunk-size", "3", "--resume"]) == 2
+    assert "other settings (chunk_size differ)" in capsys.readouterr().err
+    assert cli_main([*args[:-2], "--resume"]) == 2
+    assert "give its --chunk-size" in capsys.readouterr().err
+    # without --resume the old chunks are cleared and the run starts over
+    assert cli_main([*args[:-2], "--chunk-size", "5"]) == 0
+    assert sorted(p.name for p in (out / "chunks").glob("chunk-*.npz")) == ["chunk-00000.npz"]

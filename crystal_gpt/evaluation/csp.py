@@ -410,18 +410,164 @@ def evaluate_csp(
             "sampling": round(t2 - t1, 2),
             "matching": round(t3 - t2, 2),
         },
-        protocol=(
-            f"CSP, composition = primitive cell of each target; {k} "
-            + (
-                f"predictions per target, the most probable distinct structures among {m} "
-                "samples (ranked by how often drawn, then the discrete draws' log-probability) "
-                if ranked
-                else "samples per target "
-            )
-            + f"(temperature {temperature}, top-p {top_p}, seed {seed}, min distance "
-            f"{min_distance}); StructureMatcher(stol=0.5, "
-            "angle_tol=10, ltol=0.3); match rate over all targets, RMSE over matched; a match "
-            "counts only for a valid prediction (and, @1, a valid target), the ungated "
-            "figures beside" + (f"; {description}" if description else "")
+        protocol=csp_protocol(
+            k, candidates, temperature, top_p, str(seed), min_distance, description
         ),
     )
+
+
+def csp_protocol(
+    k: int,
+    candidates: int | None,
+    temperature: float,
+    top_p: float,
+    seed: str,
+    min_distance,
+    description: str = "",
+) -> str:
+    """The protocol line of a CSP report."""
+    how = (
+        f"predictions per target, the most probable distinct structures among {candidates} "
+        "samples (ranked by how often drawn, then the discrete draws' log-probability) "
+        if candidates is not None
+        else "samples per target "
+    )
+    return (
+        f"CSP, composition = primitive cell of each target; {k} {how}(temperature "
+        f"{temperature}, top-p {top_p}, seed {seed}, min distance {min_distance}); "
+        "StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3); match rate over all targets, RMSE "
+        "over matched; a match counts only for a valid prediction (and, @1, a valid target), "
+        "the ungated figures beside" + (f"; {description}" if description else "")
+    )
+
+
+CHUNK_SETTINGS = "settings.json"
+
+
+def concatenate(parts: list[CSPResult], protocol: str) -> CSPResult:
+    """One result from consecutive chunks of the targets (seconds summed)."""
+    if not parts:
+        raise ValueError("no CSP results to join")
+    seconds: dict[str, float] = {}
+    for p in parts:
+        for key, v in p.seconds.items():
+            seconds[key] = round(seconds.get(key, 0.0) + v, 2)
+    return CSPResult(
+        ids=[i for p in parts for i in p.ids],
+        formulas=[f for p in parts for f in p.formulas],
+        rms=np.concatenate([p.rms for p in parts]),
+        feasible=np.concatenate([p.feasible for p in parts]),
+        valid=np.concatenate([p.valid for p in parts]),
+        target_valid=np.concatenate([p.target_valid for p in parts]),
+        seconds=seconds,
+        protocol=protocol,
+    )
+
+
+def _save_chunk(result: CSPResult, path: Path) -> None:
+    """A finished chunk as plain arrays (npz without pickled objects), written atomically."""
+    tmp = path.with_name(path.stem + ".partial.npz")
+    np.savez(
+        tmp,
+        ids=np.array(result.ids, dtype=str),
+        formulas=np.array(result.formulas, dtype=str),
+        rms=result.rms,
+        feasible=result.feasible,
+        valid=result.valid,
+        target_valid=result.target_valid,
+        seconds=np.array([result.seconds.get(k, 0.0) for k in _SECONDS]),
+    )
+    tmp.replace(path)
+
+
+_SECONDS = ("feasibility", "sampling", "matching")
+
+
+def _load_chunk(path: Path, ids: list[str], k: int) -> CSPResult:
+    with np.load(path, allow_pickle=False) as z:
+        found = [str(i) for i in z["ids"]]
+        if found != ids or z["rms"].shape != (len(ids), k):
+            raise ValueError(
+                f"{path}: holds other targets than this run's chunk (the dataset, --limit or "
+                "--chunk-size changed): use another --out, or delete its chunks/ folder"
+            )
+        return CSPResult(
+            ids=found,
+            formulas=[str(f) for f in z["formulas"]],
+            rms=z["rms"],
+            feasible=z["feasible"],
+            valid=z["valid"],
+            target_valid=z["target_valid"],
+            seconds=dict(zip(_SECONDS, (float(s) for s in z["seconds"]), strict=True)),
+        )
+
+
+def evaluate_csp_in_chunks(
+    model,
+    targets: list[Structure],
+    ids: list[str],
+    folder: str | Path,
+    *,
+    chunk_size: int,
+    settings: dict,
+    seed: int = 0,
+    conditions: dict[str, np.ndarray] | None = None,
+    log=None,
+    **options,
+) -> CSPResult:
+    """:func:`evaluate_csp` over consecutive chunks of the targets, each saved in ``folder`` as
+    it finishes (``chunk-00000.npz``, ...), so that a long run (the full mp_20 test split takes
+    hours on a CPU) survives being stopped: run again with the same settings and the chunks
+    already there are read back, not redrawn. Chunk c is drawn with its own seed
+    (``shard_seed(seed, c)``), so the result does not depend on which chunks came from disk.
+    ``settings`` (model, data, every option that changes the result) is recorded in
+    ``folder``; chunks made with other settings are refused, never mixed in."""
+    from crystal_gpt.sampling.shards import shard_seed
+
+    if chunk_size < 1:
+        raise ValueError(f"--chunk-size must be at least 1, got {chunk_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded = {**settings, "seed": seed, "chunk_size": chunk_size, "targets": len(targets)}
+    settings_file = folder / CHUNK_SETTINGS
+    if settings_file.exists():
+        before = json.loads(settings_file.read_text())
+        if before != json.loads(json.dumps(recorded)):
+            changed = sorted(
+                key for key in set(before) | set(recorded) if before.get(key) != recorded.get(key)
+            )
+            raise ValueError(
+                f"{folder} holds chunks of a run with other settings ({', '.join(changed)} "
+                "differ): use another --out, or delete that folder to start over"
+            )
+    else:
+        settings_file.write_text(json.dumps(recorded, indent=2))
+    parts = []
+    starts = range(0, len(targets), chunk_size)
+    for c, start in enumerate(starts):
+        part = slice(start, start + chunk_size)
+        path = folder / f"chunk-{c:05d}.npz"
+        if path.exists():
+            parts.append(_load_chunk(path, ids[part], options.get("k", 20)))
+            continue
+        asked = {name: np.asarray(v)[part] for name, v in (conditions or {}).items()}
+        result = evaluate_csp(
+            model, targets[part], ids[part], seed=shard_seed(seed, c), conditions=asked or None,
+            **options,
+        )  # fmt: skip
+        _save_chunk(result, path)
+        parts.append(result)
+        if log is not None:
+            s, k = result.summary(), result.rms.shape[1]
+            log(
+                f"chunk {c + 1}/{len(starts)} ({len(result.ids)} targets): @1 "
+                f"{100 * s['match_rate@1']:.1f}%, @{k} {100 * s[f'match_rate@{k}']:.1f}% "
+                f"in {sum(result.seconds.values()):.0f} s -> {path}"
+            )
+    seeds = f"{seed}, chunks of {chunk_size} targets, chunk c seeded shard_seed({seed}, c)"
+    protocol = csp_protocol(
+        options.get("k", 20), options.get("candidates"), options.get("temperature", 1.0),
+        options.get("top_p", 1.0), seeds, options.get("min_distance", "auto"),
+        options.get("description", ""),
+    )  # fmt: skip
+    return concatenate(parts, protocol)
