@@ -223,6 +223,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         min_distance=_parse_min_distance(args.min_distance),
         charge_balanced=args.charge_balanced,
+        num_elements=args.num_elements,
         conditions=_parse_conditions(args.condition),
         guidance=args.guidance,
     )
@@ -311,7 +312,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"{len(rows)} crystals in {dt:.1f} s ({rate(len(rows), dt)}) -> {out}/cif, "
         f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}; "
         f"{redrawn} crystals redrawn (symmetry higher than sampled, impossible cell, no room, "
-        f"atoms too close), {moved} site coordinates redrawn (atoms too close)"
+        f"atoms too close, or let go for the training data's numbers of elements), {moved} site "
+        "coordinates redrawn (atoms too close)"
     )
     return 0
 
@@ -940,6 +942,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--formula-units", type=int, help="formula units per primitive cell for --composition"
     )
     sa.add_argument("--num-atoms", help="atoms per primitive cell: N or LOW-HIGH, e.g. 4-12")
+    sa.add_argument(
+        "--num-elements", default="auto", help="distinct elements per crystal: N or LOW-HIGH "
+        "(e.g. 3, 2-4); 'prior': the training data's distribution of the number; 'model': the "
+        "model's own choice; 'auto' (default): 'prior' when nothing else constrains the "
+        "crystal, else 'model'",
+    )  # fmt: skip
     sa.add_argument(
         "--wyckoff-template",
         help="occupied Wyckoff positions, e.g. '4a 4b' (one --spacegroup; elements free)",

@@ -34,7 +34,11 @@ from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.checkpoints import load_model as load_model  # the one loader
 from crystal_gpt.model.checkpoints import read_checkpoint
 from crystal_gpt.model.config import ModelConfig, check_number
-from crystal_gpt.model.distributions import lattice_statistics, spacegroup_prior
+from crystal_gpt.model.distributions import (
+    element_count_histogram,
+    lattice_statistics,
+    spacegroup_prior,
+)
 from crystal_gpt.model.transformer import PARTS, CrystalGPT
 from crystal_gpt.utils import atomic_path, fmt
 
@@ -352,6 +356,7 @@ def train(
     model.set_training_range(train_data.species, train_set.g, train_set.num_atoms)
     model.set_condition_stats(train_set.conditions)
     model.pair_min_distance.copy_(torch.as_tensor(training_pair_distances(train_set)))
+    model.element_counts.copy_(element_count_histogram(train_set.a, len(model.element_counts)))
     with torch.no_grad():
         model.g_prior.copy_(spacegroup_prior(train_set.g))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]

@@ -248,3 +248,66 @@ def test_one_composition_per_crystal(model):
     assert got == ["NaCl", "SrTiO3", "NaCl", "Fe2O3", "Si"]
     with pytest.raises(ValueError, match="2 compositions given for 3 crystals"):
         sample_crystals(model, 3, composition=["NaCl", "KCl"])
+
+
+def test_element_count_masks_end_and_new_elements():
+    import torch
+
+    from crystal_gpt.sampling.constraints import ElementCount, parse_element_count
+
+    assert parse_element_count("3") == (3, 3) and parse_element_count("2-4") == (2, 4)
+    with pytest.raises(ConstraintError, match="'N' or 'LOW-HIGH'"):
+        parse_element_count("three")
+    present = torch.zeros(3, 119, dtype=torch.bool)
+    present[:, 8] = True  # every row holds O
+    present[1, 3] = True  # row 1 also Li
+    count = ElementCount(torch.tensor([[2, 2], [2, 2], [1, 3]]), max_sites=4)
+    assert count.may_end(present).tolist() == [False, True, True]
+    allowed = count.elements(present, site=1)
+    assert allowed[0].all()  # one element of two: anything
+    assert allowed[1].tolist() == present[1].tolist()  # two of two: only those again
+    assert allowed[2].all()
+    # row 0 at the last site must add its second element: only new ones
+    assert count.elements(present, site=3)[0].tolist() == (~present[0]).tolist()
+
+
+def test_num_elements_is_met_and_auto_leaves_constrained_requests_alone(model):
+    from crystal_gpt.sampling.sampler import element_bounds
+
+    for spec, ok in ((2, {2}), ("1-2", {1, 2})):
+        crystals = sample_crystals(model, 40, seed=3, num_elements=spec, min_distance=0)
+        assert {len(set(c.species.tolist())) for c in crystals} <= ok
+    # the tiny model records no training counts: 'auto' is the model's own choice, 'prior' fails
+    assert not model.element_counts.any()
+    assert element_bounds(model, "auto", 5, 0, True, None) is None
+    with pytest.raises(ConstraintError, match="does not record"):
+        sample_crystals(model, 2, num_elements="prior")
+    with pytest.raises(ConstraintError, match="only 2 are allowed"):
+        sample_crystals(model, 2, elements="C,O", num_elements=3)
+    with pytest.raises(ConstraintError, match="composition fixes the number of elements"):
+        sample_crystals(model, 2, composition="C4", num_elements=1)
+
+
+def test_prior_number_of_elements_follows_the_training_data():
+    """The bundled mp_20 model draws too many binaries and too few quaternaries; 'auto' (the
+    default for unconstrained sampling) gives the training data's distribution of the count,
+    and a constrained request is left to the model."""
+    from collections import Counter
+
+    from crystal_gpt.model.checkpoints import load_model
+
+    m = load_model("mp_20")
+    train = (m.element_counts / m.element_counts.sum()).numpy()
+
+    def tvd(crystals) -> float:
+        c = Counter(len(set(x.species.tolist())) for x in crystals)
+        p = np.array([c.get(k, 0) for k in range(len(train))]) / len(crystals)
+        return 0.5 * float(np.abs(p - train).sum())
+
+    prior = sample_crystals(m, 1000, seed=0, symprec=None)
+    own = sample_crystals(m, 1000, seed=0, symprec=None, num_elements="model")
+    assert tvd(prior) < 0.04 < 0.08 < tvd(own)
+    assert sum(c.meta["redraws"] for c in prior) > sum(c.meta["redraws"] for c in own)
+    fixed = sample_crystals(m, 50, seed=1, spacegroup=225, symprec=None)
+    same = sample_crystals(m, 50, seed=1, spacegroup=225, symprec=None, num_elements="model")
+    assert [c.species.tolist() for c in fixed] == [c.species.tolist() for c in same]

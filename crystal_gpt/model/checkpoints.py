@@ -19,10 +19,13 @@ from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.cache import encode_dataset
 from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.config import ModelConfig
-from crystal_gpt.model.distributions import spacegroup_prior
+from crystal_gpt.model.distributions import element_count_histogram, spacegroup_prior
 from crystal_gpt.model.transformer import CrystalGPT
 
 DEFAULT_MODEL = "mp_20"
+# kept in float32 in bundled files: a condition mean of -154 would lose 0.1 in float16, and
+# counts of training crystals pass float16's 65,504
+FULL_PRECISION = ("condition_stats", "element_counts")
 
 
 def _models_dir() -> Path:
@@ -168,9 +171,11 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     if "pair_min_distance" not in state:  # a run from before the distance rule
         pairs = training_pair_distances(PaddedCrystals(train))
         state["pair_min_distance"] = torch.as_tensor(pairs, dtype=torch.float32)
-    # float16, except the condition statistics (a mean of -154 would lose 0.1 in float16)
+    if "element_counts" not in state or not state["element_counts"].any():  # an older run
+        size = cfg["model"].get("max_sites", ModelConfig().max_sites) + 1
+        state["element_counts"] = element_count_histogram(PaddedCrystals(train).a, size)
     weights = {
-        k: v.half() if v.is_floating_point() and k != "condition_stats" else v
+        k: v.half() if v.is_floating_point() and k not in FULL_PRECISION else v
         for k, v in state.items()
     }
     model = CrystalGPT(ModelConfig(**cfg["model"]))
@@ -192,10 +197,30 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     return out
 
 
+def record_element_counts(name: str) -> Path:
+    """Add the training crystals' element-count histogram to a bundled model written before it
+    existed (the weights are untouched): re-encodes the training split its metadata names."""
+    path = _models_dir() / f"{name}.pt"
+    state = read_checkpoint(path)
+    meta, cfg = state.get("meta", {}), state["model_config"]
+    if not meta.get("dataset") or not meta.get("train_split"):
+        raise ValueError(f"{path}: no training data recorded in its metadata")
+    train = encode_dataset(meta["dataset"], meta["train_split"], progress=False)
+    size = cfg.get("max_sites", ModelConfig().max_sites) + 1
+    state["model"]["element_counts"] = element_count_histogram(PaddedCrystals(train).a, size)
+    torch.save(state, path)
+    return path
+
+
+USAGE = """usage: python -m crystal_gpt.model.checkpoints export RUN_DIR NAME ['{json extra}']
+       python -m crystal_gpt.model.checkpoints element-counts NAME [NAME ...]"""
+
 if __name__ == "__main__":
-    if len(sys.argv) < 4 or sys.argv[1] != "export":
-        sys.exit(
-            "usage: python -m crystal_gpt.model.checkpoints export RUN_DIR NAME ['{json extra}']"
-        )
-    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
-    print(export(sys.argv[2], sys.argv[3], extra))
+    if len(sys.argv) >= 4 and sys.argv[1] == "export":
+        extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+        print(export(sys.argv[2], sys.argv[3], extra))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "element-counts":
+        for model_name in sys.argv[2:]:
+            print(record_element_counts(model_name))
+    else:
+        sys.exit(USAGE)

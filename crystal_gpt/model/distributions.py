@@ -186,6 +186,14 @@ def lattice_statistics(data, per_atom: bool = True) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------- space group
+def element_count_histogram(species: np.ndarray, size: int) -> Tensor:
+    """How many training crystals have 0, 1, 2, ... distinct elements (``species``: (N, T)
+    atomic numbers, 0 = padding): the prior the sampler can draw each crystal's count from."""
+    a = np.asarray(species)
+    distinct = np.array([len(set(row[row > 0].tolist())) for row in a], dtype=np.int64)
+    return torch.bincount(torch.as_tensor(distinct), minlength=size)[:size].float()
+
+
 def spacegroup_prior(g: np.ndarray | Tensor, smoothing: float = 0.5) -> Tensor:
     """Log-frequencies of the training space groups (add-``smoothing``): the maximum-likelihood
     P(g) without conditions, a starting point a single logit vector would take thousands of

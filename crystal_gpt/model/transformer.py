@@ -156,6 +156,9 @@ class CrystalGPT(nn.Module):
         # shortest distance (Angstrom) seen for each element pair in training, 0 if never seen:
         # the sampler's distance rule (``sampling.placement``) is a fraction of it
         self.register_buffer("pair_min_distance", torch.zeros(NUM_ELEMENTS, NUM_ELEMENTS))
+        # training crystals with 0, 1, 2, ... distinct elements (all zero: not recorded): the
+        # sampler's default prior on the number of elements (``sampling.sample_crystals``)
+        self.register_buffer("element_counts", torch.zeros(c.max_sites + 1))
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
         """load_state_dict that accepts checkpoints written before the training-range and
@@ -167,6 +170,7 @@ class CrystalGPT(nn.Module):
             "seen_elements",
             "atoms_range",
             "pair_min_distance",
+            "element_counts",
             *(() if self.config.conditions else ("cond_absent", "condition_stats")),
         }
         if missing or unexpected:
@@ -599,6 +603,7 @@ class CrystalGPT(nn.Module):
         allow_unseen: bool = False,
         conditions: dict | None = None,
         guidance: float = 1.0,
+        num_elements: int | str | tuple[int, int] | None = "auto",
     ) -> list:
         """n new crystals as pymatgen Structures (conventional cells); ``spacegroup`` fixes the
         group (a number, a symbol such as 'Fm-3m', a crystal system, or a list of these);
@@ -607,7 +612,8 @@ class CrystalGPT(nn.Module):
         high)) and ``wyckoff_template`` ('4a 4b') are met exactly; ``chemsys`` ('Li-Fe-P-O')
         gives exactly those elements, all present; ``allow_unseen`` lifts the default
         restriction to the training data's elements and sizes; ``conditions`` (e.g.
-        ``{"band_gap": 3.0}``) and ``guidance`` steer a conditioned model (see
+        ``{"band_gap": 3.0}``) and ``guidance`` steer a conditioned model; ``num_elements``
+        (3, '2-4', 'prior', 'model'; default 'auto') sets the number of distinct elements (see
         ``sampling.sample_crystals``, which gives the WyckoffCrystals)."""
         from crystal_gpt.data.codec import decode
         from crystal_gpt.sampling.sampler import sample_crystals
@@ -629,6 +635,7 @@ class CrystalGPT(nn.Module):
             allow_unseen=allow_unseen,
             conditions=conditions,
             guidance=guidance,
+            num_elements=num_elements,
         )
         return [decode(c) for c in crystals]
 

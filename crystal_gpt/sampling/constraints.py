@@ -27,6 +27,7 @@ import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from crystal_gpt.data.symmetry import (
     lowest_next_element,
     lowest_next_letter,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 INF = 10**9
 
@@ -455,3 +459,44 @@ def explain_infeasible(request: Request, candidates: list[int], max_sites: int) 
         " space groups)"
     )
     return f"no crystal with {what} exists in {where} within {max_sites} sites{hint}"
+
+
+def parse_element_count(spec: int | str | tuple[int, int]) -> tuple[int, int]:
+    """'3', '2-4', 3 or (2, 4) -> inclusive (low, high) distinct elements per crystal."""
+    try:
+        low, high = parse_atom_range(spec)  # type: ignore[misc]
+    except ConstraintError:
+        raise ConstraintError(
+            f"number of elements must be 'N' or 'LOW-HIGH' (e.g. 3 or 2-4), 'prior', 'model' or "
+            f"'auto', got {spec!r}"
+        ) from None
+    return low, high
+
+
+class ElementCount:
+    """How many distinct elements each crystal of a batch may end with: (low, high) per row.
+
+    The end of the sequence is masked while a row has fewer than ``low`` elements; once it has
+    ``high``, only elements already present are offered; and a new element is forced when the
+    sites left could not otherwise reach ``low``. Rows whose other constraints leave no way to
+    comply end as dead ends (the sampler redraws them, keeping their bounds)."""
+
+    def __init__(self, bounds: Tensor, max_sites: int) -> None:
+        self.low, self.high = bounds[:, 0], bounds[:, 1]
+        self.max_sites = max_sites
+
+    def keep(self, keep: Tensor) -> None:
+        self.low, self.high = self.low[keep], self.high[keep]
+
+    def may_end(self, present: Tensor) -> Tensor:
+        """(rows,) bool: the crystal may stop here."""
+        return present.sum(-1) >= self.low
+
+    def elements(self, present: Tensor, site: int) -> Tensor:
+        """(rows, 119) bool: the elements allowed at site index ``site`` (0-based)."""
+        d = present.sum(-1)
+        full = d >= self.high  # no new element any more
+        must_add = (self.max_sites - site - 1) < (self.low - d)  # too few sites left otherwise
+        out = present.new_ones(present.shape)
+        out = present.where(full.unsqueeze(-1), out)
+        return (~present).where(must_add.unsqueeze(-1), out)

@@ -39,6 +39,7 @@ from crystal_gpt.model.distributions import (
 from crystal_gpt.sampling.charge import ChargeBalance
 from crystal_gpt.sampling.constraints import (
     ConstraintError,
+    ElementCount,
     Planner,
     explain_infeasible,
     feasible_groups,
@@ -209,6 +210,7 @@ def sample_crystals(
     give_up: bool = False,
     conditions: dict | None = None,
     guidance: float = 1.0,
+    num_elements: int | str | tuple[int, int] | None = "auto",
 ) -> list[WyckoffCrystal]:
     """Draw n crystals; ``spacegroup`` fixes the group (one or a list) by masking P(g);
     ``elements`` / ``exclude_elements`` restrict atom types by masking P(A). ``temperature`` and
@@ -251,6 +253,14 @@ def sample_crystals(
     scale for the discrete choices (group, letters, elements): 1 samples P(crystal | y), above 1
     pushes further toward y, 0 ignores it; coordinates and the lattice follow P(. | y).
 
+    ``num_elements``: distinct elements per crystal. N, 'LOW-HIGH' or (low, high): a
+    constraint (``constraints.ElementCount``); 'prior': the training crystals' distribution of
+    the count (``model.element_counts``), by rejection (``_CountResampler``: within each count
+    the model's own distribution), as DiffCSP draws the atom count from the training data;
+    'model' or None: the model's own choice. 'auto' (default): 'prior' for unconstrained
+    sampling (no space group, element, composition, size, template or condition request; a
+    model that records the counts), else 'model'.
+
     ``check_workers``: processes for the symmetry check (default: one fewer than the cores, for
     runs of at least ``_POOL_MIN`` crystals; 0 = in this process); the samples do not depend
     on it."""
@@ -283,6 +293,7 @@ def sample_crystals(
             )
         required = element_mask(elements, None, device)
     allowed_a = element_mask(elements, exclude_elements, device)
+    asked_atoms = num_atoms
     num_atoms = _training_range(
         model, allowed_a, elements, composition, num_atoms, wyckoff_template, allow_unseen
     )
@@ -339,6 +350,17 @@ def sample_crystals(
     if thresholds is not None:
         thresholds = thresholds.to(device)
     seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
+    unconstrained = all(
+        v is None
+        for v in (spacegroup, elements, exclude_elements, composition, asked_atoms,
+                  wyckoff_template, chemsys)
+    ) and not cond_values  # fmt: skip
+    counts = element_bounds(
+        model, num_elements, n, seed, unconstrained, allowed_a, chemsys, composition
+    )
+    resampler = None
+    if counts is not None and counts.ndim == 1:
+        resampler, counts = _CountResampler(counts, seed), None
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     result: list[WyckoffCrystal | None] = [None] * n
@@ -358,6 +380,13 @@ def sample_crystals(
     def settle(idx, batch, dead, moved, reasons) -> None:
         """Keep a checked batch's accepted crystals; send the others back to be redrawn."""
         done = 0
+        if resampler is not None:  # among the crystals that passed every check
+            passed = [not stuck and why is None for stuck, why in zip(dead, reasons, strict=True)]
+            kept = resampler.keep(batch, passed)
+            reasons = [
+                "resampled to the training numbers of elements" if ok and not k else why
+                for ok, k, why in zip(passed, kept, reasons, strict=True)
+            ]
         for i, crystal, stuck, m, why in zip(idx, batch, dead, moved, reasons, strict=True):
             placed[i] += m
             reason = "a dead end (no room for every element, or atoms too close)" if stuck else why
@@ -399,6 +428,7 @@ def sample_crystals(
                     idx = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
                     todo = [rows[i] for i in idx]
                     asked = {k: v[idx] for k, v in cond_values.items()}
+                    bounds = None if counts is None else torch.as_tensor(counts[idx])
                     batch, dead, moved = _sample_batch(
                         model,
                         len(todo),
@@ -415,6 +445,7 @@ def sample_crystals(
                         charge_atoms,
                         asked,
                         guidance,
+                        bounds,
                     )
                     drawn = (idx, batch, dead, moved, checker.submit(batch, dead))
                 if in_flight is not None:
@@ -427,6 +458,85 @@ def sample_crystals(
             if bar is not None:
                 bar.close()
     return result  # type: ignore[return-value]
+
+
+class _CountResampler:
+    """'prior' numbers of elements by rejection: a drawn crystal with k distinct elements is
+    kept with probability proportional to P_train(k) / P_drawn(k), where P_drawn is the
+    histogram of this run's checked draws so far (started from the training histogram, weight
+    20), so
+    the kept crystals have the training distribution of k, and within each k the model's own
+    distribution. Its own generator (seeded from the run's seed) leaves the other draws alone."""
+
+    def __init__(self, train: np.ndarray, seed: int) -> None:
+        self.target = train / train.sum()
+        self.drawn = 20.0 * self.target
+        self.rng = np.random.default_rng([int(seed), 0xE1E])
+
+    def keep(self, crystals: list[WyckoffCrystal], passed: list[bool]) -> list[bool]:
+        """Of a checked batch (``passed``: accepted by every other check), which to keep."""
+        size = len(self.target)
+        ks = [min(len(set(c.species.tolist())), size - 1) for c in crystals]
+        for k, ok in zip(ks, passed, strict=True):
+            if ok:
+                self.drawn[k] += 1.0
+        p_drawn = self.drawn / self.drawn.sum()
+        ratio = np.divide(self.target, p_drawn, out=np.zeros(size), where=p_drawn > 0)
+        accept = ratio / ratio.max()
+        u = self.rng.random(len(ks))
+        return [ok and bool(ui < accept[k]) for k, ui, ok in zip(ks, u, passed, strict=True)]
+
+
+def element_bounds(
+    model,
+    spec,
+    n: int,
+    seed: int,
+    unconstrained: bool,
+    allowed_a: Tensor | None,
+    chemsys=None,
+    composition=None,
+) -> np.ndarray | None:
+    """(n, 2) bounds on each crystal's number of distinct elements, or for 'prior' the training
+    histogram of counts (1-D), or None for the model's own choice (see ``sample_crystals``'
+    ``num_elements``)."""
+    from crystal_gpt.sampling.constraints import parse_element_count
+
+    if spec is None or spec == "model":
+        return None
+    recorded = model.element_counts.detach().cpu().double().numpy()
+    if spec == "auto":
+        if not unconstrained or not recorded.any():
+            return None
+        spec = "prior"
+    if spec == "prior":
+        if not recorded.any():
+            raise ConstraintError(
+                "this model does not record its training crystals' numbers of elements: "
+                "num_elements='prior' needs a model trained or exported since they are (or give "
+                "a number, e.g. 3, or 'model')"
+            )
+        if allowed_a is not None:  # at most as many as may be chosen
+            recorded = recorded.copy()
+            recorded[int(allowed_a.sum()) + 1 :] = 0.0
+            if not recorded[1:].any():
+                raise ConstraintError("the allowed elements leave no training count to draw")
+        return recorded
+    if chemsys is not None or composition is not None:
+        what = "chemsys" if chemsys is not None else "a composition"
+        raise ConstraintError(
+            f"{what} fixes the number of elements: num_elements does not combine with it"
+        )
+    low, high = parse_element_count(spec)
+    if low > model.config.max_sites:
+        raise ConstraintError(
+            f"{low} elements need {low} sites; this model places at most {model.config.max_sites}"
+        )
+    if allowed_a is not None and low > int(allowed_a.sum()):
+        raise ConstraintError(
+            f"{low} distinct elements asked, but only {int(allowed_a.sum())} are allowed"
+        )
+    return np.tile(np.array([[low, high]], dtype=np.int64), (n, 1))
 
 
 def _condition_values(model, conditions, guidance, n: int) -> dict[str, np.ndarray]:
@@ -655,13 +765,15 @@ def _sample_batch(
     charge_atoms: int | None = None,
     conditions: dict[str, np.ndarray] | None = None,
     guidance: float = 1.0,
+    element_bounds: Tensor | None = None,
 ) -> _BatchResult:
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it;
     ``required``: elements every crystal must contain (the end is masked until they are);
     ``thresholds``: the distance rule's (119, 119) closest approaches (None: no rule);
     ``charge_atoms``: charge balance with this many atoms per primitive cell at most;
     ``conditions``: name -> value per crystal; ``guidance`` != 1 runs a second, unconditional
-    stream through the transformer beside the conditional one (``model.transformer.guided``)."""
+    stream through the transformer beside the conditional one (``model.transformer.guided``);
+    ``element_bounds``: (B, 2) distinct elements allowed per crystal (``ElementCount``)."""
     sym = model.sym
     drawer = _Drawer(shaping, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
@@ -683,6 +795,9 @@ def _sample_batch(
     if plans is not None:
         masks = _PlannerMasks([p for p, _ in plans], g, sym.max_letters)
     charge = None if charge_atoms is None else ChargeBalance(g, allowed_a, charge_atoms)
+    count = None
+    if element_bounds is not None:
+        count = ElementCount(element_bounds.to(device), model.config.max_sites)
 
     start = model.start_token(g, cond)
     start_u = model.start_token(g, cond_u) if guide else None
@@ -728,6 +843,8 @@ def _sample_batch(
         if required is not None:
             missing = (required & ~present[rows]).any(-1)
             w_logits[missing, sym.pad] = float("-inf")
+        if count is not None:
+            w_logits[~count.may_end(present[rows]), sym.pad] = float("-inf")
         if charge is not None:
             w_logits[~charge.letters(torch.isfinite(w_logits))] = float("-inf")
         # nothing legal, or already condemned by the distance rule: end it, redraw it
@@ -759,10 +876,14 @@ def _sample_batch(
                 placement.keep(keep)
             if charge is not None:
                 charge.keep(keep.tolist())
+            if count is not None:
+                count.keep(keep)
         allowed = allowed_a if masks is None else masks.elements(w, allowed_a, device)
         if charge is not None:
-            allowed = _with_charge(
-                allowed, charge.elements(w), w, prev_w, prev_a, first, dead, rows
+            allowed = _narrowed(allowed, charge.elements(w), w, prev_w, prev_a, first, dead, rows)
+        if count is not None:
+            allowed = _narrowed(
+                allowed, count.elements(present[rows], k), w, prev_w, prev_a, first, dead, rows
             )
         step = model.site_content(
             h,
@@ -838,10 +959,11 @@ class _Stream:
             self.h = self.model.backbone(torch.cat(self.tokens, dim=1))[:, -1]
 
 
-def _with_charge(allowed, balanced, w, prev_w, prev_a, first, dead, rows) -> Tensor:
-    """The element mask with charge balance; a row left with no element that also keeps the
-    canonical order is condemned (redrawn) and keeps its other constraints for this site."""
-    out = balanced if allowed is None else allowed & balanced
+def _narrowed(allowed, extra, w, prev_w, prev_a, first, dead, rows) -> Tensor:
+    """The element mask narrowed by another constraint's (charge balance, element count); a
+    row left with no element that also keeps the canonical order is condemned (redrawn) and
+    keeps its other constraints for this site."""
+    out = extra if allowed is None else allowed & extra
     floor = torch.where(first, 0, lowest_next_element(w, prev_w, prev_a))
     ordered = torch.arange(NUM_ELEMENTS, device=w.device) >= floor.unsqueeze(-1)
     empty = ~(out & ordered).any(-1)
