@@ -5,8 +5,9 @@
 Prints crystals/s for: sampling alone (key/value cache), sampling with the full prefix re-run
 at every step (no cache), building pymatgen Structures, and the whole `crystal-gpt sample`
 path (sampling + structures + likelihoods + CIF/extxyz/CSV writing), sampling without the
-symmetry/cell check, without the distance rule, and with charge balance (their costs, with
-the redraws they cause); then sampling with each
+symmetry/cell check, without the distance rule, with charge balance, with the model's own
+numbers of elements instead of the training data's (the default's rejection), and with exactly
+3 elements (their costs, with the redraws they cause); then sampling with each
 kind of look-ahead constraint (composition, atoms per cell, Wyckoff template).
 """
 
@@ -58,6 +59,8 @@ def main() -> None:
         ("no distance rule", {"min_distance": 0}),
         ("neither", {"symprec": None, "min_distance": 0}),
         ("charge balanced", {"charge_balanced": True}),
+        ("the model's own numbers of elements", {"num_elements": "model"}),
+        ("exactly 3 elements", {"num_elements": 3}),
     ):
         t0 = time.perf_counter()
         out = sample_crystals(model, args.n, seed=0, **kwargs)
