@@ -1,3 +1,4 @@
+import csv
 import functools
 import random
 import time
@@ -288,12 +289,15 @@ def test_num_elements_is_met_and_auto_leaves_constrained_requests_alone(model):
         sample_crystals(model, 2, composition="C4", num_elements=1)
 
 
-def test_prior_number_of_elements_follows_the_training_data():
+def test_prior_number_of_elements_follows_the_training_data(tmp_path):
     """The bundled mp_20 model draws too many binaries and too few quaternaries; 'auto' (the
     default for unconstrained sampling) gives the training data's distribution of the count,
     and a constrained request is left to the model."""
     from collections import Counter
 
+    from pymatgen.core import Composition
+
+    from crystal_gpt.cli import main as cli_main
     from crystal_gpt.model.checkpoints import load_model
 
     m = load_model("mp_20")
@@ -308,6 +312,11 @@ def test_prior_number_of_elements_follows_the_training_data():
     own = sample_crystals(m, 1000, seed=0, symprec=None, num_elements="model")
     assert tvd(prior) < 0.04 < 0.08 < tvd(own)
     assert sum(c.meta["redraws"] for c in prior) > sum(c.meta["redraws"] for c in own)
+    assert cli_main(["sample", "-n", "8", "--num-elements", "2", "--seed", "0",
+                          "--out", str(tmp_path)]) == 0  # fmt: skip
+    with open(tmp_path / "summary.csv") as f:
+        formulas = [row["formula"] for row in csv.DictReader(f)]
+    assert len(formulas) == 8 and all(len(Composition(f).elements) == 2 for f in formulas)
     fixed = sample_crystals(m, 50, seed=1, spacegroup=225, symprec=None)
     same = sample_crystals(m, 50, seed=1, spacegroup=225, symprec=None, num_elements="model")
     assert [c.species.tolist() for c in fixed] == [c.species.tolist() for c in same]
