@@ -551,8 +551,13 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         raise ValueError("--resume continues a run in chunks: give its --chunk-size too")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
-    stale = CSP_FILES if args.resume else (*CSP_FILES, "chunks/*.npz", "chunks/settings.json")
-    prepare_output_folder(args.out, stale)  # a bad --out fails now, not after the run
+    saved = list((Path(args.out) / "chunks").glob("chunk-*.npz"))
+    if saved and args.chunk_size is not None and not args.resume:  # hours of work: never lose it
+        raise ValueError(
+            f"{Path(args.out) / 'chunks'} holds {len(saved)} finished chunks of an earlier run: "
+            "add --resume to continue it, or remove that folder to start over"
+        )
+    prepare_output_folder(args.out, CSP_FILES)  # a bad --out fails now, not after the run
     model = load_model(args.model, pick_device(args.device))
     pressures = None if args.pressure is None else [args.pressure]
     data = load_dataset(args.dataset, args.split, pressures=pressures)
@@ -585,6 +590,7 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         settings = {
             "model": str(args.model), "dataset": args.dataset, "split": args.split,
             "pressure": args.pressure, "limit": args.limit, "subset_seed": args.subset_seed,
+            "device": str(next(model.parameters()).device.type),
             **{key: v for key, v in options.items() if key not in ("workers", "description")},
         }  # fmt: skip
         result = evaluate_csp_in_chunks(

@@ -287,6 +287,33 @@ def test_num_elements_is_met_and_auto_leaves_constrained_requests_alone(model):
         sample_crystals(model, 2, elements="C,O", num_elements=3)
     with pytest.raises(ConstraintError, match="composition fixes the number of elements"):
         sample_crystals(model, 2, composition="C4", num_elements=1)
+    with pytest.raises(ConstraintError, match="at most 2 per cell"):
+        sample_crystals(model, 2, num_atoms="1-2", num_elements=3)
+    for bad in ("-3", 2.5, (1, 2, 3), "x"):
+        with pytest.raises(ConstraintError, match="'N' or 'LOW-HIGH'"):
+            sample_crystals(model, 2, num_elements=bad)
+
+
+def test_count_resampler_reaches_the_training_distribution_and_skips_unreached_counts():
+    from crystal_gpt.sampling.sampler import _CountResampler
+
+    class Drawn:  # a checked crystal with k distinct elements
+        def __init__(self, k: int) -> None:
+            self.species = np.arange(1, k + 1)
+
+    rng = np.random.default_rng(0)
+    train = np.array([0, 10, 60, 20, 10], float)  # 4 elements: drawn never below
+    own = np.array([0, 0.3, 0.6, 0.1, 0.0])
+    resampler = _CountResampler(train, seed=0)
+    kept = []
+    for _ in range(40):
+        batch = [Drawn(int(k)) for k in rng.choice(5, 500, p=own)]
+        keep = resampler.keep(batch, [True] * 500)
+        kept += [len(c.species) for c, k in zip(batch, keep, strict=True) if k]
+    share = np.bincount(kept, minlength=5)[1:4] / len(kept)
+    # the training distribution restricted to the counts the model reaches (4 never is)
+    assert np.allclose(share, train[1:4] / train[1:4].sum(), atol=0.02)
+    assert len(kept) > 0.1 * 40 * 500  # not starved by the unreached count
 
 
 def test_prior_number_of_elements_follows_the_training_data(tmp_path):
@@ -317,6 +344,8 @@ def test_prior_number_of_elements_follows_the_training_data(tmp_path):
     with open(tmp_path / "summary.csv") as f:
         formulas = [row["formula"] for row in csv.DictReader(f)]
     assert len(formulas) == 8 and all(len(Composition(f).elements) == 2 for f in formulas)
+    with pytest.raises(ConstraintError, match="unconstrained sampling"):
+        sample_crystals(m, 2, spacegroup=225, num_elements="prior")
     fixed = sample_crystals(m, 50, seed=1, spacegroup=225, symprec=None)
     same = sample_crystals(m, 50, seed=1, spacegroup=225, symprec=None, num_elements="model")
     assert [c.species.tolist() for c in fixed] == [c.species.tolist() for c in same]

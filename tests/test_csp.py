@@ -191,6 +191,15 @@ def test_csp_in_chunks_resumes_from_saved_chunks_and_refuses_other_settings(tmp_
     assert "other settings (chunk_size differ)" in capsys.readouterr().err
     assert cli_main([*args[:-2], "--resume"]) == 2
     assert "give its --chunk-size" in capsys.readouterr().err
-    # without --resume the old chunks are cleared and the run starts over
-    assert cli_main([*args[:-2], "--chunk-size", "5"]) == 0
-    assert sorted(p.name for p in (out / "chunks").glob("chunk-*.npz")) == ["chunk-00000.npz"]
+    # forgetting --resume never throws the finished chunks away
+    assert cli_main(args) == 2
+    assert "holds 3 finished chunks" in capsys.readouterr().err
+    assert len(list((out / "chunks").glob("chunk-*.npz"))) == 3
+    # a chunk cut short is drawn again; chunks whose settings are unknown are refused
+    (out / "chunks" / "chunk-00002.npz").write_bytes(b"PK\x03\x04 cut")
+    assert cli_main([*args, "--resume"]) == 0
+    assert (out / "csp.csv").read_text() == first
+    assert "unreadable" in capsys.readouterr().err
+    (out / "chunks" / "settings.json").unlink()
+    assert cli_main([*args, "--resume"]) == 2
+    assert "settings are unknown" in capsys.readouterr().err

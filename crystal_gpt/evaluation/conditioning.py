@@ -262,6 +262,9 @@ def evaluate_conditioning(
         training = TrainingSet(training_dataset, "train", progress=progress)
     t0 = time.perf_counter()
     rows, per_crystal = [], []
+    # every row with the model's own numbers of elements: the conditioned rows get them anyway,
+    # and the unconditional baseline must be the same model's, not the training data's
+    sample_options = {"num_elements": "model", **sample_options}
     for j, (target, g) in enumerate(runs):
         conditions = None if target is None else {prop: target}
         if steer_with is not None and target is not None:

@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -541,15 +542,26 @@ def evaluate_csp_in_chunks(
                 "differ): use another --out, or delete that folder to start over"
             )
     else:
-        settings_file.write_text(json.dumps(recorded, indent=2))
+        if any(folder.glob("chunk-*.npz")):
+            raise ValueError(
+                f"{folder} holds chunks but no {CHUNK_SETTINGS}: their settings are unknown, so "
+                "they cannot be continued; remove that folder to start over"
+            )
+        tmp = settings_file.with_suffix(".partial")
+        tmp.write_text(json.dumps(recorded, indent=2))
+        tmp.replace(settings_file)
     parts = []
     starts = range(0, len(targets), chunk_size)
     for c, start in enumerate(starts):
         part = slice(start, start + chunk_size)
         path = folder / f"chunk-{c:05d}.npz"
         if path.exists():
-            parts.append(_load_chunk(path, ids[part], options.get("k", 20)))
-            continue
+            try:
+                parts.append(_load_chunk(path, ids[part], options.get("k", 20)))
+                continue
+            except (OSError, KeyError, EOFError, zipfile.BadZipFile) as err:  # cut short
+                if log is not None:
+                    log(f"{path}: unreadable ({err}); drawing that chunk again")
         asked = {name: np.asarray(v)[part] for name, v in (conditions or {}).items()}
         result = evaluate_csp(
             model, targets[part], ids[part], seed=shard_seed(seed, c), conditions=asked or None,

@@ -208,7 +208,9 @@ def record_element_counts(name: str) -> Path:
     train = encode_dataset(meta["dataset"], meta["train_split"], progress=False)
     size = cfg.get("max_sites", ModelConfig().max_sites) + 1
     state["model"]["element_counts"] = element_count_histogram(PaddedCrystals(train).a, size)
-    torch.save(state, path)
+    tmp = path.with_suffix(".partial")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a bundled model is never left half written
     return path
 
 

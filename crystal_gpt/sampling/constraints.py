@@ -464,8 +464,12 @@ def explain_infeasible(request: Request, candidates: list[int], max_sites: int) 
 def parse_element_count(spec: int | str | tuple[int, int]) -> tuple[int, int]:
     """'3', '2-4', 3 or (2, 4) -> inclusive (low, high) distinct elements per crystal."""
     try:
+        if isinstance(spec, bool) or (isinstance(spec, str) and spec.strip().startswith("-")):
+            raise ConstraintError("negative")
+        if not isinstance(spec, int | np.integer | str | tuple | list):
+            raise ConstraintError("not a count")
         low, high = parse_atom_range(spec)  # type: ignore[misc]
-    except ConstraintError:
+    except (ConstraintError, TypeError, ValueError):
         raise ConstraintError(
             f"number of elements must be 'N' or 'LOW-HIGH' (e.g. 3 or 2-4), 'prior', 'model' or "
             f"'auto', got {spec!r}"

@@ -354,10 +354,16 @@ def sample_crystals(
         v is None
         for v in (spacegroup, elements, exclude_elements, composition, asked_atoms,
                   wyckoff_template, chemsys)
-    ) and not cond_values  # fmt: skip
+    ) and not (cond_values or charge_balanced)  # fmt: skip
+    template_sites = None
+    if wyckoff_template is not None and spacegroup is not None and len(spacegroup) == 1:
+        from crystal_gpt.sampling.constraints import parse_template
+
+        template_sites = len(parse_template(spacegroup[0], wyckoff_template))
     counts = element_bounds(
-        model, num_elements, n, seed, unconstrained, allowed_a, chemsys, composition
-    )
+        model, num_elements, n, unconstrained, allowed_a, chemsys, composition, asked_atoms,
+        template_sites,
+    )  # fmt: skip
     resampler = None
     if counts is not None and counts.ndim == 1:
         resampler, counts = _CountResampler(counts, seed), None
@@ -463,14 +469,16 @@ def sample_crystals(
 class _CountResampler:
     """'prior' numbers of elements by rejection: a drawn crystal with k distinct elements is
     kept with probability proportional to P_train(k) / P_drawn(k), where P_drawn is the
-    histogram of this run's checked draws so far (started from the training histogram, weight
-    20), so
-    the kept crystals have the training distribution of k, and within each k the model's own
-    distribution. Its own generator (seeded from the run's seed) leaves the other draws alone."""
+    histogram of this run's checked draws so far (one pseudo-draw per count to start), so the
+    kept crystals have the training distribution of k, and within each k the model's own
+    distribution. Only counts actually drawn set the scale: a count the model never reaches
+    drops out (the training distribution restricted to the reachable counts) instead of
+    driving every acceptance to zero. Its own generator (seeded from the run's seed) leaves the
+    other draws alone."""
 
     def __init__(self, train: np.ndarray, seed: int) -> None:
         self.target = train / train.sum()
-        self.drawn = 20.0 * self.target
+        self.seen = np.zeros(len(train))
         self.rng = np.random.default_rng([int(seed), 0xE1E])
 
     def keep(self, crystals: list[WyckoffCrystal], passed: list[bool]) -> list[bool]:
@@ -479,10 +487,14 @@ class _CountResampler:
         ks = [min(len(set(c.species.tolist())), size - 1) for c in crystals]
         for k, ok in zip(ks, passed, strict=True):
             if ok:
-                self.drawn[k] += 1.0
-        p_drawn = self.drawn / self.drawn.sum()
-        ratio = np.divide(self.target, p_drawn, out=np.zeros(size), where=p_drawn > 0)
-        accept = ratio / ratio.max()
+                self.seen[k] += 1.0
+        drawn = self.seen + 1.0
+        ratio = self.target / (drawn / drawn.sum())
+        reached = self.seen > 0
+        if not (ratio[reached] > 0).any():  # nothing drawn yet that the training data has
+            accept = np.zeros(size)
+        else:
+            accept = np.minimum(ratio / ratio[reached].max(), 1.0)
         u = self.rng.random(len(ks))
         return [ok and bool(ui < accept[k]) for k, ui, ok in zip(ks, u, passed, strict=True)]
 
@@ -491,16 +503,17 @@ def element_bounds(
     model,
     spec,
     n: int,
-    seed: int,
     unconstrained: bool,
     allowed_a: Tensor | None,
     chemsys=None,
     composition=None,
+    num_atoms=None,
+    template_sites: int | None = None,
 ) -> np.ndarray | None:
     """(n, 2) bounds on each crystal's number of distinct elements, or for 'prior' the training
     histogram of counts (1-D), or None for the model's own choice (see ``sample_crystals``'
-    ``num_elements``)."""
-    from crystal_gpt.sampling.constraints import parse_element_count
+    ``num_elements``); requests no crystal can meet are refused here, before sampling."""
+    from crystal_gpt.sampling.constraints import parse_atom_range, parse_element_count
 
     if spec is None or spec == "model":
         return None
@@ -510,6 +523,12 @@ def element_bounds(
             return None
         spec = "prior"
     if spec == "prior":
+        if not unconstrained:
+            raise ConstraintError(
+                "num_elements='prior' is the training data's distribution for unconstrained "
+                "sampling: with a space group, element, composition, size, template, charge or "
+                "condition request give a number (e.g. 3), a range (2-4) or 'model'"
+            )
         if not recorded.any():
             raise ConstraintError(
                 "this model does not record its training crystals' numbers of elements: "
@@ -535,6 +554,15 @@ def element_bounds(
     if allowed_a is not None and low > int(allowed_a.sum()):
         raise ConstraintError(
             f"{low} distinct elements asked, but only {int(allowed_a.sum())} are allowed"
+        )
+    if num_atoms is not None and low > parse_atom_range(num_atoms)[1]:
+        raise ConstraintError(
+            f"{low} distinct elements need at least {low} atoms; at most "
+            f"{parse_atom_range(num_atoms)[1]} per cell were asked"
+        )
+    if template_sites is not None and low > template_sites:
+        raise ConstraintError(
+            f"{low} distinct elements need at least {low} sites; the template has {template_sites}"
         )
     return np.tile(np.array([[low, high]], dtype=np.int64), (n, 1))
 
