@@ -357,3 +357,11 @@ def ray_map(
         for ref in running:
             with suppress(Exception):
                 ray.cancel(ref, force=True)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The seed of part ``shard`` of a run seeded ``seed`` (independent streams per part: parquet
+    shards, sample chunks, CSP chunks)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(shard)]).generate_state(1)[0])

@@ -107,8 +107,10 @@ def test_cli_symmetry_check_can_be_skipped(tmp_path):
     redraws = {}
     for flag in ([], ["--skip-symmetry-check"]):
         out = tmp_path / ("skip" if flag else "check")
-        # without the distance rule, whose dead ends are redrawn whether or not symmetry is
-        args = ["sample", "-n", "300", "--seed", "0", "--min-distance", "0", "--out", str(out)]
+        # without the distance rule, whose dead ends are redrawn whether or not symmetry is,
+        # and with the model's own numbers of elements (the default's rejection redraws too)
+        args = ["sample", "-n", "300", "--seed", "0", "--min-distance", "0",
+                "--num-elements", "model", "--out", str(out)]  # fmt: skip
         assert main([*args, *flag]) == 0
         with open(out / "summary.csv") as f:
             redraws[bool(flag)] = sum(int(r["redraws"]) for r in csv.DictReader(f))

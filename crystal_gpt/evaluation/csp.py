@@ -523,7 +523,7 @@ def evaluate_csp_in_chunks(
     (``shard_seed(seed, c)``), so the result does not depend on which chunks came from disk.
     ``settings`` (model, data, every option that changes the result) is recorded in
     ``folder``; chunks made with other settings are refused, never mixed in."""
-    from crystal_gpt.sampling.shards import shard_seed
+    from crystal_gpt.utils import shard_seed
 
     if chunk_size < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {chunk_size}")

@@ -28,6 +28,7 @@ from crystal_gpt.utils import (
     executor_kind,
     prepare_output_folder,
     rate,
+    shard_seed,
     supervised_map,
 )
 
@@ -43,11 +44,6 @@ def _pyarrow():
     except ImportError:
         raise ImportError("parquet output needs pyarrow: pip install pyarrow") from None
     return pa, pq
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    """The seed of shard ``shard`` of a run seeded ``seed`` (independent streams per shard)."""
-    return int(np.random.SeedSequence([int(seed), int(shard)]).generate_state(1)[0])
 
 
 def shard_sizes(n: int, shard_size: int) -> list[int]:
