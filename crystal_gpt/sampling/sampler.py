@@ -258,8 +258,8 @@ def sample_crystals(
     the count (``model.element_counts``), by rejection (``_CountResampler``: within each count
     the model's own distribution), as DiffCSP draws the atom count from the training data;
     'model' or None: the model's own choice. 'auto' (default): 'prior' for unconstrained
-    sampling (no space group, element, composition, size, template or condition request; a
-    model that records the counts), else 'model'.
+    sampling (no space group, element, composition, size, template, charge-balance or
+    condition request; a model that records the counts), else 'model'.
 
     ``check_workers``: processes for the symmetry check (default: one fewer than the cores, for
     runs of at least ``_POOL_MIN`` crystals; 0 = in this process); the samples do not depend
