@@ -172,8 +172,7 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
         pairs = training_pair_distances(PaddedCrystals(train))
         state["pair_min_distance"] = torch.as_tensor(pairs, dtype=torch.float32)
     if "element_counts" not in state or not state["element_counts"].any():  # an older run
-        size = cfg["model"].get("max_sites", ModelConfig().max_sites) + 1
-        state["element_counts"] = element_count_histogram(PaddedCrystals(train).a, size)
+        state["element_counts"] = _element_counts(train, cfg["model"])
     weights = {
         k: v.half() if v.is_floating_point() and k not in FULL_PRECISION else v
         for k, v in state.items()
@@ -197,6 +196,12 @@ def export(run_dir: str | Path, name: str, extra: dict | None = None) -> Path:
     return out
 
 
+def _element_counts(train, model_cfg: dict):
+    """The training crystals' element-count histogram, sized for the model's buffer."""
+    size = model_cfg.get("max_sites", ModelConfig().max_sites) + 1
+    return element_count_histogram(PaddedCrystals(train).a, size)
+
+
 def record_element_counts(name: str) -> Path:
     """Add the training crystals' element-count histogram to a bundled model written before it
     existed (the weights are untouched): re-encodes the training split its metadata names."""
@@ -206,8 +211,7 @@ def record_element_counts(name: str) -> Path:
     if not meta.get("dataset") or not meta.get("train_split"):
         raise ValueError(f"{path}: no training data recorded in its metadata")
     train = encode_dataset(meta["dataset"], meta["train_split"], progress=False)
-    size = cfg.get("max_sites", ModelConfig().max_sites) + 1
-    state["model"]["element_counts"] = element_count_histogram(PaddedCrystals(train).a, size)
+    state["model"]["element_counts"] = _element_counts(train, cfg)
     tmp = path.with_suffix(".partial")
     torch.save(state, tmp)
     tmp.replace(path)  # a bundled model is never left half written
