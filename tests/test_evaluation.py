@@ -225,13 +225,13 @@ def test_load_structures_reports_bad_files(tmp_path):
 def sample_folder(tmp_path_factory, mp20_test_subset):
     """A `crystal-gpt sample`-style folder (summary.csv, cif/, samples.extxyz) of 8 crystals,
     the last one with two atoms 0.3 A apart."""
-    from crystal_gpt.data.codec import decode, encode
+    from crystal_gpt.data.codec import encode
     from crystal_gpt.sampling.output import write_samples
 
     crystals = [encode(s) for s in mp20_test_subset.structures[100:107]]
     crystals.append(encode(Structure(Lattice.cubic(6.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])))
     out = tmp_path_factory.mktemp("samples")
-    return write_samples(crystals, [decode(c) for c in crystals], out)
+    return write_samples(crystals, out)
 
 
 def test_cli_evaluate_writes_report(sample_folder, tmp_path):

@@ -30,12 +30,11 @@ def test_chunks_rendered_apart_write_the_same_folder_as_one_run(tmp_path):
     crystals = [encode(random_crystal(g, seed=g)) for g in (225, 194, 62, 2, 166)]
     for k, c in enumerate(crystals):
         c.meta["redraws"] = k
-    structures = [decode(c) for c in crystals]
     loglik = {"total": [-1.5, -2.25, 3.0, 0.5, -7.125], "g": [0.1, 0.2, 0.3, 0.4, 0.5]}
-    whole = write_samples(crystals, structures, tmp_path / "whole", loglik)
+    whole = write_samples(crystals, tmp_path / "whole", loglik)
     parts = [
-        render_samples(crystals[:2], structures[:2], {k: v[:2] for k, v in loglik.items()}, 0),
-        render_samples(crystals[2:], structures[2:], {k: v[2:] for k, v in loglik.items()}, 2),
+        render_samples(crystals[:2], {k: v[:2] for k, v in loglik.items()}, 0),
+        render_samples(crystals[2:], {k: v[2:] for k, v in loglik.items()}, 2),
     ]
     apart = write_rendered(parts, tmp_path / "apart")
     names = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())

@@ -357,10 +357,8 @@ def evaluate_pressures(
                     }
                 )
         if out_dir is not None:
-            kept = [(c, s) for c, s in zip(crystals, structures, strict=True) if s is not None]
-            write_samples(
-                [c for c, _ in kept], [s for _, s in kept], Path(out_dir) / f"samples_{p:g}GPa"
-            )
+            kept = [c for c, s in zip(crystals, structures, strict=True) if s is not None]
+            write_samples(kept, Path(out_dir) / f"samples_{p:g}GPa")
     result = PressureResult(rows, per_crystal, description, time.perf_counter() - t0)
     if out_dir is not None:
         result.write(out_dir)

@@ -73,8 +73,7 @@ def _sample_logits(logits: Tensor, shaping: Shaping, gen: torch.Generator | None
 
 class _Drawer:
     """Draws for ``CrystalGPT.site_content``: categoricals with (temperature, top-p) from the
-    seeded generator; von Mises mixtures (component from the generator, angle from torch's
-    seeded global RNG)."""
+    seeded generator; von Mises mixtures (component and angle from the generator too)."""
 
     def __init__(self, shaping: Shaping, gen: torch.Generator) -> None:
         self.shaping, self.gen = shaping, gen
@@ -423,7 +422,7 @@ def sample_crystals(
     # the schedule (a batch's redraws join the queue after the next batch is taken) is the same
     # with or without workers, so a seed gives the same crystals either way.
     checker = _Checker(symprec, workers=check_workers, n=n)
-    # von Mises and flow draws use torch's global RNG: seed it without disturbing the caller's
+    # the lattice flow draws from torch's global RNG: seed it without disturbing the caller's
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

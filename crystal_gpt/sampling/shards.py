@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from crystal_gpt.data.codec import WyckoffCrystal, decode
-from crystal_gpt.sampling.output import summary_row, wyckoff_cif
+from crystal_gpt.data.codec import WyckoffCrystal
+from crystal_gpt.sampling.output import Cell, summary_row, wyckoff_cif
 from crystal_gpt.utils import (
     JobFailure,
     atomic_path,
@@ -61,14 +61,14 @@ def crystal_records(
     reader merges coinciding atoms) and the CIF text."""
     rows = []
     for k, wc in enumerate(crystals):
-        s = decode(wc)
-        row = summary_row(start + k, wc, s, {key: v[k] for key, v in loglik.items()})
+        cell = Cell.of(wc)
+        row = summary_row(start + k, wc, cell, {key: v[k] for key, v in loglik.items()})
         del row["cif"]
         a, b, c, alpha, beta, gamma = (float(v) for v in wc.lattice_parameters)
         row.update(a=a, b=b, c=c, alpha=alpha, beta=beta, gamma=gamma)
-        row["lattice_matrix"] = s.lattice.matrix.ravel().tolist()
-        row["species"] = [str(sp) for sp in s.species]
-        row["frac_coords"] = s.frac_coords.ravel().tolist()
+        row["lattice_matrix"] = cell.matrix.ravel().tolist()
+        row["species"] = cell.symbols
+        row["frac_coords"] = cell.frac.ravel().tolist()
         row["cif"] = wyckoff_cif(wc, f"{start + k:08d}_{row['formula']}")
         rows.append(row)
     return rows
@@ -191,7 +191,7 @@ def render_chunk(crystals: list[WyckoffCrystal], loglik: dict[str, list[float]],
     """A chunk's rendered sample-folder text (``finish`` for the CIF output)."""
     from crystal_gpt.sampling.output import render_samples
 
-    return render_samples(crystals, [decode(c) for c in crystals], loglik, start)
+    return render_samples(crystals, loglik, start)
 
 
 def _differing_settings(old: dict, new: dict) -> list[str]:
