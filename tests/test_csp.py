@@ -116,6 +116,17 @@ def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, cap
     assert ranked.summary()["match_rate@4"] > 0
     assert cli_main([*args, "-k", "2", "--candidates", "1", "--out", str(out)]) == 2
     assert "--candidates (1) must be at least -k (2)" in capsys.readouterr().err
+    # in chunks, the options left out are evaluate_csp's own defaults, in the protocol too
+    from crystal_gpt.evaluation.csp import evaluate_csp_in_chunks
+
+    chunked = evaluate_csp_in_chunks(
+        model, [r.structure for r in recs[:2]], [r.id for r in recs[:2]], tmp_path / "chunks",
+        chunk_size=1, settings={}, workers=1, progress=False,
+    )  # fmt: skip
+    assert chunked.rms.shape == (2, 20)
+    plain = evaluate_csp(model, [recs[0].structure], [recs[0].id], workers=1, progress=False)
+    head = plain.protocol.split("seed ")[0]
+    assert chunked.protocol.startswith(head) and "chunks of 1 targets" in chunked.protocol
 
 
 def test_bundled_csp_model_needs_and_honours_a_composition(tmp_path, capsys):

@@ -16,6 +16,7 @@ ungated ones (any ``get_rms_dist`` hit) are reported beside them.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import time
@@ -503,6 +504,15 @@ def _load_chunk(path: Path, ids: list[str], k: int) -> CSPResult:
         )
 
 
+def _csp_defaults() -> dict:
+    """evaluate_csp's keyword defaults (k, temperature, ...)."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(evaluate_csp).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
 def evaluate_csp_in_chunks(
     model,
     targets: list[Structure],
@@ -557,7 +567,7 @@ def evaluate_csp_in_chunks(
         path = folder / f"chunk-{c:05d}.npz"
         if path.exists():
             try:
-                parts.append(_load_chunk(path, ids[part], options.get("k", 20)))
+                parts.append(_load_chunk(path, ids[part], {**_csp_defaults(), **options}["k"]))
                 continue
             except (OSError, KeyError, EOFError, zipfile.BadZipFile) as err:  # cut short
                 if log is not None:
@@ -577,9 +587,9 @@ def evaluate_csp_in_chunks(
                 f"in {sum(result.seconds.values()):.0f} s -> {path}"
             )
     seeds = f"{seed}, chunks of {chunk_size} targets, chunk c seeded shard_seed({seed}, c)"
+    opt = {**_csp_defaults(), **options}  # evaluate_csp's own defaults: one place for them
     protocol = csp_protocol(
-        options.get("k", 20), options.get("candidates"), options.get("temperature", 1.0),
-        options.get("top_p", 1.0), seeds, options.get("min_distance", "auto"),
-        options.get("description", ""),
+        opt["k"], opt["candidates"], opt["temperature"], opt["top_p"], seeds,
+        opt["min_distance"], opt["description"],
     )  # fmt: skip
     return concatenate(parts, protocol)
