@@ -549,6 +549,14 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         raise ValueError(f"--candidates ({args.candidates}) must be at least -k ({args.k})")
     if args.resume and args.chunk_size is None:
         raise ValueError("--resume continues a run in chunks: give its --chunk-size too")
+    only = None
+    if args.chunks is not None:
+        from crystal_gpt.evaluation.csp import parse_chunks
+
+        if args.chunk_size is None:
+            raise ValueError("--chunks picks chunks of a run in chunks: give --chunk-size too")
+        only = parse_chunks(args.chunks)
+        args.resume = True  # a run shared by several processes: the others' chunks stay
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     saved = list((Path(args.out) / "chunks").glob("chunk-*.npz"))
@@ -596,8 +604,10 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
         result = evaluate_csp_in_chunks(
             model, targets, ids, Path(args.out) / "chunks", chunk_size=args.chunk_size,
             settings=settings, seed=args.seed, conditions=conditions,
-            log=lambda line: print(line, file=sys.stderr, flush=True), **options,
+            log=lambda line: print(line, file=sys.stderr, flush=True), only=only, **options,
         )  # fmt: skip
+        if result is None:  # --chunks: other chunks still to come
+            return 0
     out = result.write(args.out)  # checked up front (prepare_output_folder)
     summary = result.summary()
     k = args.k
@@ -1199,6 +1209,11 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument(
         "--resume", action="store_true", help="with --chunk-size: keep the chunks already in "
         "OUT/chunks/ (same settings required) and draw only the missing ones",
+    )  # fmt: skip
+    cs.add_argument(
+        "--chunks", metavar="LIST", help="with --chunk-size: draw only these chunks (numbered "
+        "from 1 as the log counts them, e.g. 1-10 or 11-19,23), so that several processes or "
+        "machines share one --out; the report comes from the run that finds every chunk done",
     )  # fmt: skip
     _executor_options(cs)
     cs.set_defaults(func=cmd_evaluate_csp)

@@ -214,3 +214,17 @@ def test_csp_in_chunks_resumes_from_saved_chunks_and_refuses_other_settings(tmp_
     (out / "chunks" / "settings.json").unlink()
     assert cli_main([*args, "--resume"]) == 2
     assert "settings are unknown" in capsys.readouterr().err
+    # --chunks: two runs share one folder, each its own chunks; the one that finds every chunk
+    # done writes the report, the same as one run's
+    shared = tmp_path / "shared"
+    two = [*args[:-4], "--out", str(shared), "--chunk-size", "2"]
+    assert cli_main([*two, "--chunks", "2-3"]) == 0
+    assert "2 of 3 chunks done; chunks 1 are left to other runs" in capsys.readouterr().err
+    assert not (shared / "csp.csv").exists()
+    assert sorted(p.name for p in (shared / "chunks").glob("chunk-*.npz")) == chunks[1:]
+    assert cli_main([*two, "--chunks", "1"]) == 0
+    assert (shared / "csp.csv").read_text() == first
+    assert cli_main([*two, "--chunks", "4"]) == 2
+    assert "no chunk 4: this run has 3 chunks" in capsys.readouterr().err
+    assert cli_main([*two, "--chunks", "2-x"]) == 2
+    assert "expected numbers like 1-5,9" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import json
 import math
 import time
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -504,6 +505,32 @@ def _load_chunk(path: Path, ids: list[str], k: int) -> CSPResult:
         )
 
 
+def parse_chunks(spec: str) -> list[int]:
+    """'1-5,9' (chunk numbers as the log counts them, from 1) -> [0, 1, 2, 3, 4, 8]."""
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"--chunks: expected numbers like 1-5,9, got {spec!r}") from None
+        if not 1 <= a <= b:
+            raise ValueError(f"--chunks: {part.strip()!r} is no range of chunk numbers (from 1)")
+        out.extend(range(a - 1, b))
+    return sorted(set(out))
+
+
+def _number_ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    runs: list[list[int]] = []
+    for x in sorted(numbers):
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def _csp_defaults() -> dict:
     """evaluate_csp's keyword defaults (k, temperature, ...)."""
     return {
@@ -524,15 +551,20 @@ def evaluate_csp_in_chunks(
     seed: int = 0,
     conditions: dict[str, np.ndarray] | None = None,
     log=None,
+    only: Iterable[int] | None = None,
     **options,
-) -> CSPResult:
+) -> CSPResult | None:
     """:func:`evaluate_csp` over consecutive chunks of the targets, each saved in ``folder`` as
     it finishes (``chunk-00000.npz``, ...), so that a long run (the full mp_20 test split takes
     hours on a CPU) survives being stopped: run again with the same settings and the chunks
     already there are read back, not redrawn. Chunk c is drawn with its own seed
     (``shard_seed(seed, c)``), so the result does not depend on which chunks came from disk.
     ``settings`` (model, data, every option that changes the result) is recorded in
-    ``folder``; chunks made with other settings are refused, never mixed in."""
+    ``folder``; chunks made with other settings are refused, never mixed in.
+
+    ``only`` (chunk numbers from 0): draw only these of the missing chunks, so that several
+    processes or machines share one run (each its own chunks, one folder); returns None while
+    chunks are still missing, the joined result once every chunk is there."""
     from crystal_gpt.utils import shard_seed
 
     if chunk_size < 1:
@@ -562,6 +594,10 @@ def evaluate_csp_in_chunks(
         tmp.replace(settings_file)
     parts = []
     starts = range(0, len(targets), chunk_size)
+    chosen = None if only is None else set(only)
+    if chosen is not None and (beyond := sorted(c for c in chosen if not 0 <= c < len(starts))):
+        raise ValueError(f"no chunk {beyond[-1] + 1}: this run has {len(starts)} chunks")
+    missing = []
     for c, start in enumerate(starts):
         part = slice(start, start + chunk_size)
         path = folder / f"chunk-{c:05d}.npz"
@@ -572,6 +608,9 @@ def evaluate_csp_in_chunks(
             except (OSError, KeyError, EOFError, zipfile.BadZipFile) as err:  # cut short
                 if log is not None:
                     log(f"{path}: unreadable ({err}); drawing that chunk again")
+        if chosen is not None and c not in chosen:
+            missing.append(c)
+            continue
         asked = {name: np.asarray(v)[part] for name, v in (conditions or {}).items()}
         result = evaluate_csp(
             model, targets[part], ids[part], seed=shard_seed(seed, c), conditions=asked or None,
@@ -586,6 +625,14 @@ def evaluate_csp_in_chunks(
                 f"{100 * s['match_rate@1']:.1f}%, @{k} {100 * s[f'match_rate@{k}']:.1f}% "
                 f"in {sum(result.seconds.values()):.0f} s -> {path}"
             )
+    if missing:
+        if log is not None:
+            log(
+                f"{len(starts) - len(missing)} of {len(starts)} chunks done; chunks "
+                f"{_number_ranges([c + 1 for c in missing])} are left to other runs (run again "
+                "with --resume, without --chunks, to finish)"
+            )
+        return None
     seeds = f"{seed}, chunks of {chunk_size} targets, chunk c seeded shard_seed({seed}, c)"
     opt = {**_csp_defaults(), **options}  # evaluate_csp's own defaults: one place for them
     protocol = csp_protocol(
