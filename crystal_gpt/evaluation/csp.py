@@ -598,12 +598,13 @@ def evaluate_csp_in_chunks(
     if chosen is not None and (beyond := sorted(c for c in chosen if not 0 <= c < len(starts))):
         raise ValueError(f"no chunk {beyond[-1] + 1}: this run has {len(starts)} chunks")
     missing = []
+    opt = {**_csp_defaults(), **options}  # evaluate_csp's own defaults: one place for them
     for c, start in enumerate(starts):
         part = slice(start, start + chunk_size)
         path = folder / f"chunk-{c:05d}.npz"
         if path.exists():
             try:
-                parts.append(_load_chunk(path, ids[part], {**_csp_defaults(), **options}["k"]))
+                parts.append(_load_chunk(path, ids[part], opt["k"]))
                 continue
             except (OSError, KeyError, EOFError, zipfile.BadZipFile) as err:  # cut short
                 if log is not None:
@@ -634,7 +635,6 @@ def evaluate_csp_in_chunks(
             )
         return None
     seeds = f"{seed}, chunks of {chunk_size} targets, chunk c seeded shard_seed({seed}, c)"
-    opt = {**_csp_defaults(), **options}  # evaluate_csp's own defaults: one place for them
     protocol = csp_protocol(
         opt["k"], opt["candidates"], opt["temperature"], opt["top_p"], seeds,
         opt["min_distance"], opt["description"],

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Categorical, MixtureSameFamily, VonMises
 from torch.distributions.transforms import (
     AffineTransform,
     CatTransform,
@@ -47,15 +46,6 @@ def _mixture_parameters(params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return logits, mu, F.softplus(raw_kappa) + 1e-3
 
 
-def von_mises_mixture(params: Tensor) -> MixtureSameFamily:
-    """The coordinate distribution: a mixture of von Mises over the angle 2 pi x; params
-    (..., 3K) are mixture logits, means and raw concentrations (softplus + 1e-3)."""
-    logits, mu, kappa = _mixture_parameters(params)
-    return MixtureSameFamily(
-        Categorical(logits=logits), VonMises(mu, kappa, validate_args=False), validate_args=False
-    )
-
-
 def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
     """log density on [0, 1) of the mixture at fractional coordinates x: the angle's density
     kappa cos(2 pi x - mu) - log(2 pi I0(kappa)) plus log 2 pi for the change of variables,
@@ -69,9 +59,9 @@ def von_mises_mixture_logpdf(x: Tensor, params: Tensor) -> Tensor:
 
 
 def von_mises_mixture_sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A draw from ``von_mises_mixture(params)`` in [0, 1), component and angle both from the
-    seeded ``generator`` (MixtureSameFamily.sample and VonMises.sample take torch's global RNG,
-    and VonMises's rejection loop costs ~0.6 ms per call, a large part of sampling time)."""
+    """A draw in [0, 1) from the mixture that ``von_mises_mixture_logpdf`` scores, component and
+    angle both from the seeded ``generator`` (torch's VonMises.sample takes the global RNG, and
+    its rejection loop cost ~0.6 ms per call, a large part of sampling time)."""
     logits, mu, kappa = _mixture_parameters(params)
     probs = torch.softmax(logits.float(), dim=-1)
     comp = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)

@@ -109,8 +109,8 @@ def _element(z: int) -> tuple[str, float]:
 @dataclass(frozen=True)
 class Cell:
     """A crystal's conventional cell as arrays (``codec.expand``): what the summary, the extxyz
-    frames and the parquet rows are made of, without building a pymatgen Structure (~1 ms
-    per crystal, a fifth of the sampling time)."""
+    frames and the parquet rows are made of, without a pymatgen Structure per crystal (with
+    them, rendering 1,000 samples took 1.24 s; without, 0.60 s)."""
 
     matrix: np.ndarray  # (3, 3) lattice vectors as rows, Angstrom
     frac: np.ndarray  # (N, 3) fractional coordinates
