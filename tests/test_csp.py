@@ -92,6 +92,34 @@ def test_ranked_candidates_most_often_drawn_first_ties_by_mass():
     assert rank_candidates([None, None], [0, 0], [0.0, 0.0]) == []
 
 
+def test_candidate_clusters_match_plain_structure_matcher_decisions():
+    """The clustering reduces each sample once and fits with ``skip_structure_reduction``: the
+    same decisions as ``StructureMatcher.fit`` on the raw structures, here on shaken rock-salt
+    cells (conventional and primitive) up to and past the matcher's tolerance."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystal_gpt.evaluation.csp import MATCHER, candidate_clusters
+
+    rng = np.random.default_rng(0)
+    draws = []
+    for amp in (0.0, 0.2, 0.5, 0.9):
+        for cell in (_rocksalt(), _rocksalt(5.9).get_primitive_structure()):
+            shaken = cell.cart_coords + rng.normal(0, amp, (len(cell), 3))
+            draws.append(Structure(cell.lattice, cell.species, shaken, coords_are_cartesian=True))
+    matcher = StructureMatcher(**MATCHER)
+    expected: list[list[int]] = []
+    for i, s in enumerate(draws):  # the greedy loop on plain fits
+        for c in expected:
+            if matcher.fit(draws[c[0]], s):
+                c.append(i)
+                break
+        else:
+            expected.append([i])
+    got = candidate_clusters(draws, [225] * len(draws), [0.0] * len(draws))
+    assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
+    assert 1 < len(expected) < len(draws)  # the case has power: some merge, some do not
+
+
 def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, capsys):
     from crystal_gpt.cli import main as cli_main
     from crystal_gpt.data.datasets import load_dataset

@@ -101,14 +101,34 @@ def candidate_clusters(
 
     density = mass if density is None else density
     matcher = StructureMatcher(**MATCHER)
+    reduced: dict[int, Structure | None] = {}
+
+    def reduce(i: int) -> Structure | None:
+        """What ``fit`` does to a structure before comparing (Niggli, then primitive), done
+        once per sample instead of once per comparison: the matcher's own cache of it is keyed
+        by composition, the same for every draw of a CSP target, and spent most of the time
+        comparing structures for equality."""
+        if i not in reduced:
+            try:
+                niggli = structures[i].get_reduced_structure(reduction_algo="niggli")
+                reduced[i] = Structure.from_sites(niggli.get_primitive_structure())
+            except Exception:  # degenerate cells: compared as distinct
+                reduced[i] = None
+        return reduced[i]
+
     clusters: list[list[int]] = []
     by_group: dict[int, list[list[int]]] = {}
     for i, s in enumerate(structures):
         if s is None:
             continue
         for cluster in by_group.setdefault(groups[i], []):
+            a, b = reduce(cluster[0]), reduce(i)
             try:
-                same = matcher.fit(structures[cluster[0]], s)
+                same = (
+                    a is not None
+                    and b is not None
+                    and matcher.fit(a, b, skip_structure_reduction=True)
+                )
             except Exception:  # degenerate cells: treat as distinct
                 same = False
             if same:
