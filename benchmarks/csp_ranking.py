@@ -20,7 +20,13 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 
 from crystal_gpt.data.codec import decode
 from crystal_gpt.data.datasets import load_dataset
-from crystal_gpt.evaluation.csp import MATCHER, candidate_clusters, primitive_composition
+from crystal_gpt.evaluation.csp import (
+    MATCHER,
+    candidate_clusters,
+    greedy_clusters,
+    primitive_composition,
+    ranked_clusters,
+)
 from crystal_gpt.model.checkpoints import load_model
 from crystal_gpt.sampling.sampler import sample_crystals
 
@@ -28,25 +34,9 @@ from crystal_gpt.sampling.sampler import sample_crystals
 def plain_clusters(structures, groups, mass) -> list[list[int]]:
     """The same greedy clustering with a plain ``fit`` per comparison (no pre-reduction)."""
     matcher = StructureMatcher(**MATCHER)
-    clusters: list[list[int]] = []
-    by_group: dict[int, list[list[int]]] = {}
-    for i, s in enumerate(structures):
-        if s is None:
-            continue
-        for cluster in by_group.setdefault(groups[i], []):
-            try:
-                same = matcher.fit(structures[cluster[0]], s)
-            except Exception:
-                same = False
-            if same:
-                cluster.append(i)
-                break
-        else:
-            by_group[groups[i]].append([i])
-            clusters.append(by_group[groups[i]][-1])
-    members = [sorted(c, key=lambda i: (-mass[i], i)) for c in clusters]
-    order = sorted(range(len(clusters)), key=lambda j: (-len(members[j]), -mass[members[j][0]], j))
-    return [members[j] for j in order]
+    drawn = [i for i, s in enumerate(structures) if s is not None]
+    fit = lambda i, j: matcher.fit(structures[i], structures[j])  # noqa: E731
+    return ranked_clusters(greedy_clusters(drawn, groups, fit), mass)
 
 
 def main() -> None:

@@ -99,7 +99,6 @@ def candidate_clusters(
     indices with its representative first (see :func:`rank_candidates`)."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    density = mass if density is None else density
     matcher = StructureMatcher(**MATCHER)
     reduced: dict[int, Structure | None] = {}
 
@@ -116,27 +115,41 @@ def candidate_clusters(
                 reduced[i] = None
         return reduced[i]
 
+    def same(i: int, j: int) -> bool:
+        a, b = reduce(i), reduce(j)
+        return a is not None and b is not None and matcher.fit(a, b, skip_structure_reduction=True)
+
+    drawn = [i for i, s in enumerate(structures) if s is not None]
+    return ranked_clusters(greedy_clusters(drawn, groups, same), mass, density)
+
+
+def greedy_clusters(indices: list[int], groups: list[int], same) -> list[list[int]]:
+    """Samples in drawing order, each joined to the first cluster of its space group whose
+    first member it is ``same(first, it)`` as, else a cluster of its own (an error in ``same``
+    counts as distinct)."""
     clusters: list[list[int]] = []
     by_group: dict[int, list[list[int]]] = {}
-    for i, s in enumerate(structures):
-        if s is None:
-            continue
+    for i in indices:
         for cluster in by_group.setdefault(groups[i], []):
-            a, b = reduce(cluster[0]), reduce(i)
             try:
-                same = (
-                    a is not None
-                    and b is not None
-                    and matcher.fit(a, b, skip_structure_reduction=True)
-                )
+                joined = same(cluster[0], i)
             except Exception:  # degenerate cells: treat as distinct
-                same = False
-            if same:
+                joined = False
+            if joined:
                 cluster.append(i)
                 break
         else:
             by_group[groups[i]].append([i])
             clusters.append(by_group[groups[i]][-1])
+    return clusters
+
+
+def ranked_clusters(
+    clusters: list[list[int]], mass: list[float], density: list[float] | None = None
+) -> list[list[int]]:
+    """Clusters most drawn first (ties: larger ``mass``), members by ``density`` (default
+    ``mass``)."""
+    density = mass if density is None else density
     members = [sorted(c, key=lambda i: (-density[i], i)) for c in clusters]
     order = sorted(range(len(clusters)), key=lambda j: (-len(members[j]), -mass[members[j][0]], j))
     return [members[j] for j in order]
