@@ -511,6 +511,9 @@ def canonical_sites(
 def _orbit_sites(tables, g, pos, orbits, metric, symprec, letters=None):
     """Each orbit's Wyckoff position (the one of its multiplicity its atoms lie on, unless
     ``letters`` are known) and canonical representative; None when an orbit fits none."""
+    if g == 1:  # every atom its own orbit on the one position: the atom itself, at once (the
+        # general path gives the same, one call per atom, and P1 tries every anchor atom)
+        return [0] * len(orbits), list(tables.project(1, 0, wrap01(pos[[m[0] for m in orbits]])))
     out_letters, reps = [], []
     for k, members in enumerate(orbits):
         if letters is not None:
