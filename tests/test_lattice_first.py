@@ -61,8 +61,8 @@ def test_sites_see_the_lattice_and_the_lattice_does_not_see_the_sites(first, mod
 
 
 def test_lattice_first_cache_matches_full_recompute_with_the_rule(first):
-    a = sample_crystals(first, 6, seed=3, min_distance=1.0, symprec=None)
-    b = sample_crystals(first, 6, seed=3, min_distance=1.0, symprec=None, use_cache=False)
+    a = sample_crystals(first, 6, seed=1, min_distance=1.0, symprec=None)
+    b = sample_crystals(first, 6, seed=1, min_distance=1.0, symprec=None, use_cache=False)
     assert sum(c.meta["site_redraws"] for c in a) > 0
     assert all(x == y for x, y in zip(a, b, strict=True))
 
@@ -150,6 +150,12 @@ def test_placement_redraws_follow_the_truncated_density(first):
         ]
     )
     mass = pdf * allowed
+    # a crystal whose allowed z form a sliver narrower than the grid (a short c: one was
+    # 0.3% of the interval) cannot be integrated here; leaving it out depends on its lattice
+    # only, not on its z, so the others' PIT stays uniform
+    seen = mass.sum(1) > 0
+    assert seen.float().mean() > 0.95
+    mass, pdf, z, params = mass[seen], pdf[seen], z[seen], params[seen]
     assert float((1 - mass.sum(1) / pdf.sum(1)).mean()) > 0.1  # the rule truncates a lot
     cdf = mass.cumsum(1) / mass.sum(1, keepdim=True)
     k = (z * G).floor().long().clamp(max=G - 1)

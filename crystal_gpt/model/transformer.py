@@ -94,10 +94,10 @@ class SiteStep:
 
     a: Tensor  # (B,) atomic numbers
     x: Tensor  # (B, 3) coordinates on the Wyckoff position
-    lp_a: Tensor  # (B,)
-    lp_x: Tensor  # (B,) free coordinates only
+    lp_a: Tensor | None  # (B,); None when drawn without scores
+    lp_x: Tensor | None  # (B,) free coordinates only; None when drawn without scores
     a_logits: Tensor  # (B, 119) masked
-    x_params: Tensor  # (B, 3, 3K) mixture parameters of x, y | x, z | x, y
+    x_params: Tensor | None  # (B, 3, 3K) mixture parameters of x, y | x, z | x, y
     ctx: Tensor  # (B, d) what the element and coordinate heads saw
 
 
@@ -339,11 +339,16 @@ class CrystalGPT(nn.Module):
             logits = guided(logits, self.head_w(guide[0]), guide[1])
         return logits.masked_fill(~mask, float("-inf"))
 
-    def x_params(self, ctx: Tensor, a: Tensor, x_prev: Tensor, j: int) -> Tensor:
-        """Mixture parameters of coordinate j given the site context and coordinates < j."""
+    def coordinate_input(self, ctx: Tensor, a: Tensor) -> Tensor:
+        """What every coordinate head reads besides the earlier coordinates: the site context
+        and the chosen element (computed once per site, not once per coordinate)."""
         inp = ctx + self.emb_chosen_element(a)
         if self.emb_elem_feat is not None:
             inp = inp + self.emb_elem_feat(self.element_table[a])
+        return inp
+
+    def x_params(self, inp: Tensor, x_prev: Tensor, j: int) -> Tensor:
+        """Mixture parameters of coordinate j given ``coordinate_input`` and coordinates < j."""
         if j:
             inp = torch.cat([inp, fourier(x_prev[..., :j], self.config.fourier_freqs)], dim=-1)
         return self.head_x[j](inp)
@@ -363,6 +368,7 @@ class CrystalGPT(nn.Module):
         draw: Drawer | None = None,
         lattice: Tensor | None = None,
         guide: tuple[Tensor, float] | None = None,
+        score: bool = True,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -372,6 +378,8 @@ class CrystalGPT(nn.Module):
         exact earlier coordinates (fixed and tied ones included), as in training.
         ``lattice``: the lattice embedding (lattice first), given to the heads directly.
         ``guide`` = (the unconditional stream's h, scale): guided element logits (sampling).
+        ``score=False`` (the sampler): draw only, without the log-probabilities and with each
+        coordinate head run on the rows where that coordinate is free.
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = self._site_context(h, g, w, lattice)
@@ -389,8 +397,10 @@ class CrystalGPT(nn.Module):
             if draw is None:
                 raise ValueError("site_content needs either a and x or a drawer")
             a = draw.categorical(a_logits)
-        lp_a = F.log_softmax(a_logits, -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
-        x, lp_x, params = self.coordinates(ctx, g, w, a, x, draw)
+        lp_a = (
+            F.log_softmax(a_logits, -1).gather(-1, a.unsqueeze(-1)).squeeze(-1) if score else None
+        )
+        x, lp_x, params = self.coordinates(ctx, g, w, a, x, draw, score=score)
         return SiteStep(a, x, lp_a, lp_x, a_logits, params, ctx)
 
     def _site_context(self, h: Tensor, g: Tensor, w: Tensor, lattice: Tensor | None) -> Tensor:
@@ -412,18 +422,35 @@ class CrystalGPT(nn.Module):
         a: Tensor,
         x: Tensor | None = None,
         draw: Drawer | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        *,
+        score: bool = True,
+        inp: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The coordinate half of ``site_content`` given its context and element: coordinates,
         their log density (free ones only) and the mixture parameters (n, 3, 3K). The distance
-        rule's redraws call it alone (``x`` None: drawn)."""
+        rule's redraws call it alone (``x`` None: drawn; ``score=False``: no density, no
+        parameters, heads only where the coordinate is free; ``inp``: ``coordinate_input``
+        already computed)."""
         free = self.sym.free_mask[g, w]
         sampling = x is None
+        if inp is None:
+            inp = self.coordinate_input(ctx, a)
         if sampling:
             x = self.sym.project(g, w, torch.zeros(len(g), 3, device=ctx.device))
+        if not score:
+            if draw is None:
+                raise ValueError("coordinates without scores draw them: give a drawer")
+            for j in range(3):
+                rows = free[:, j]
+                if bool(rows.any()):
+                    x = x.clone()
+                    x[rows, j] = draw.von_mises(self.x_params(inp[rows], x[rows], j))
+                    x = self.sym.project(g, w, x)
+            return x, None, None
         lp_x = torch.zeros(len(g), device=ctx.device)
         params = []
         for j in range(3):
-            p = self.x_params(ctx, a, x, j)
+            p = self.x_params(inp, x, j)
             params.append(p)
             if sampling and bool(free[:, j].any()):
                 x = x.clone()

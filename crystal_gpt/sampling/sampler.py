@@ -923,6 +923,7 @@ def _sample_batch(
             draw=drawer,
             lattice=lat_emb,
             guide=uncond and (uncond.h, guidance),
+            score=False,
         )
         a, x = step.a, step.x
         if placement is not None:
@@ -1001,29 +1002,36 @@ def _narrowed(allowed, extra, w, prev_w, prev_a, first, dead, rows) -> Tensor:
     return out
 
 
-def _place(model, placement, drawer, step, g, w, tries: int, per_round: int = 4):
+def _place(model, placement, drawer, step, g, w, tries: int, per_round: int = 8):
     """Redraw the coordinates of sites that break the distance rule (same letter and element),
     up to ``tries`` draws, ``per_round`` at a time: i.i.d. draws from the site's coordinate
     density, the first allowed one kept, so the result follows the density truncated to the
     allowed region exactly. Returns the coordinates and per row the rejected draws (-1: could not
-    be placed)."""
+    be placed). A round costs about the same for 4 draws per row as for 8 (its small batches
+    are bound by per-call overhead), so 8 at a time: fewer rounds, ~5% faster sampling."""
     x = step.x
     bad = placement.clashes(g, w, step.a, x)
     count = torch.zeros(len(g), dtype=torch.long, device=g.device)
     movable = model.sym.dof[g, w] > 0  # a site without free coordinates cannot move
-    for _ in range(-(-tries // per_round)):
+    left = tries
+    while left > 0:
         redo = (bad & movable).nonzero().flatten()
         if not len(redo):
             break
-        rep = redo.repeat_interleave(per_round)
-        xs, _, _ = model.coordinates(step.ctx[rep], g[rep], w[rep], step.a[rep], draw=drawer)
-        ok = ~placement.clashes(g[rep], w[rep], step.a[rep], xs, rows=rep).view(-1, per_round)
+        size = min(per_round, left)
+        left -= size
+        rep = redo.repeat_interleave(size)
+        inp = model.coordinate_input(step.ctx[redo], step.a[redo]).repeat_interleave(size, 0)
+        xs, _, _ = model.coordinates(
+            step.ctx[rep], g[rep], w[rep], step.a[rep], draw=drawer, score=False, inp=inp
+        )
+        ok = ~placement.clashes(g[rep], w[rep], step.a[rep], xs, rows=rep).view(-1, size)
         found = ok.any(1)
         first_ok = ok.int().argmax(1)
-        count[redo] += torch.where(found, first_ok, per_round)
+        count[redo] += torch.where(found, first_ok, size)
         hit = found.nonzero().flatten()
         x = x.clone()
-        x[redo[hit]] = xs.view(-1, per_round, 3)[hit, first_ok[hit]]
+        x[redo[hit]] = xs.view(-1, size, 3)[hit, first_ok[hit]]
         bad[redo[hit]] = False
     return x, torch.where(bad, -1, count)
 
