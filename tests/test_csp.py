@@ -93,7 +93,7 @@ def test_ranked_candidates_most_often_drawn_first_ties_by_mass():
 
 
 def test_candidate_clusters_match_plain_structure_matcher_decisions():
-    """The clustering reduces each sample once and fits with ``skip_structure_reduction``: the
+    """The clustering reduces each sample once and fits without the matcher's reduction: the
     same decisions as ``StructureMatcher.fit`` on the raw structures, here on shaken rock-salt
     cells (conventional and primitive) up to and past the matcher's tolerance."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -118,6 +118,35 @@ def test_candidate_clusters_match_plain_structure_matcher_decisions():
     got = candidate_clusters(draws, [225] * len(draws), [0.0] * len(draws))
     assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
     assert 1 < len(expected) < len(draws)  # the case has power: some merge, some do not
+
+
+def test_rms_on_shared_reductions_equals_the_plain_matcher():
+    """Matching reduces target and candidates once (shared with the clustering) and leaves
+    out the matcher's own reduction: the same RMS as ``get_rms_dist`` on the raw structures,
+    on real crystals, shaken copies, supercells and another crystal's cell."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystal_gpt.data.datasets import load_dataset
+    from crystal_gpt.evaluation.csp import MATCHER
+
+    recs = list(load_dataset("mp_20", "test", limit=6))
+    matcher = StructureMatcher(**MATCHER)
+    hits = 0
+    for r in recs:
+        t = r.structure
+        shaken = t.copy()
+        shaken.perturb(0.15, seed=recs.index(r))
+        other = recs[(recs.index(r) + 1) % len(recs)].structure
+        cands = [t * (1, 1, 2), shaken, other, None]
+        got = _rms_distances((t, cands))
+        for c, value in zip(cands, got, strict=True):
+            plain = None if c is None else matcher.get_rms_dist(c, t)
+            if plain is None:
+                assert math.isnan(value)
+            else:
+                assert math.isclose(value, plain[0], rel_tol=1e-6, abs_tol=1e-9)
+                hits += 1
+    assert hits >= 2 * len(recs)  # the supercell and the shaken copy of each match
 
 
 def test_evaluate_csp_end_to_end_with_the_bundled_perovskite_model(tmp_path, capsys):

@@ -71,18 +71,64 @@ def crystal_validity(structure: Structure | None) -> bool:
         return False
 
 
-def _rms_distances(job: tuple[Structure, list[Structure | None]]) -> list[float]:
-    """Normalised RMS distance of each candidate to the target (NaN where no match)."""
+def reduced_structure(structure: Structure) -> Structure:
+    """What ``StructureMatcher`` compares a structure as (Niggli cell, then primitive), computed
+    once: a CSP draw is compared with other draws and with its target, and pymatgen would
+    reduce it again for each comparison."""
+    niggli = structure.get_reduced_structure(reduction_algo="niggli")
+    return Structure.from_sites(niggli.get_primitive_structure())
+
+
+class _Reduced:
+    """Structures reduced on first use (``reduced_structure``; None for a failed draw or a
+    degenerate cell), so that clustering and matching share each reduction."""
+
+    def __init__(self, structures: list[Structure | None]) -> None:
+        self.structures, self.done = structures, {}
+
+    def __getitem__(self, i: int) -> Structure | None:
+        if i not in self.done:
+            s = self.structures[i]
+            try:
+                self.done[i] = None if s is None else reduced_structure(s)
+            except Exception:  # degenerate cells: compared as distinct, matched as misses
+                self.done[i] = None
+        return self.done[i]
+
+
+def _matcher():
+    """The protocol's ``StructureMatcher`` for structures reduced by ``reduced_structure``: its
+    own reduction left out (the same result: both reductions are idempotent; a test compares
+    it with the plain matcher on unreduced structures)."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
+    class PreReduced(StructureMatcher):
+        @classmethod
+        def _get_reduced_structure(cls, struct, primitive_cell=True, niggli=True):
+            return Structure.from_sites(struct)
+
+    return PreReduced(**MATCHER)
+
+
+def _rms_distances(
+    job: tuple[Structure, list[Structure | None]], reduced: list | _Reduced | None = None
+) -> list[float]:
+    """Normalised RMS distance of each candidate to the target (NaN where no match);
+    ``reduced``: the candidates already reduced (``_Reduced`` or a list)."""
     target, candidates = job
-    matcher = StructureMatcher(**MATCHER)
+    matcher = _matcher()
+    reduced = _Reduced(candidates) if reduced is None else reduced
+    try:
+        goal = reduced_structure(target)
+    except Exception:  # a target pymatgen cannot reduce matches nothing
+        return [math.nan] * len(candidates)
     out = []
-    for cand in candidates:
+    for i in range(len(candidates)):
         rms = None
+        cand = reduced[i]
         if cand is not None:
             try:
-                rms = matcher.get_rms_dist(cand, target)
+                rms = matcher.get_rms_dist(cand, goal)
             except Exception:  # degenerate generated cells (overlapping atoms, flat lattices)
                 rms = None
         out.append(float(rms[0]) if rms is not None else math.nan)
@@ -94,30 +140,17 @@ def candidate_clusters(
     groups: list[int],
     mass: list[float],
     density: list[float] | None = None,
+    reduced: _Reduced | None = None,
 ) -> list[list[int]]:
     """The drawn samples as distinct structures, most probable first, each a list of sample
-    indices with its representative first (see :func:`rank_candidates`)."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    matcher = StructureMatcher(**MATCHER)
-    reduced: dict[int, Structure | None] = {}
-
-    def reduce(i: int) -> Structure | None:
-        """What ``fit`` does to a structure before comparing (Niggli, then primitive), done
-        once per sample instead of once per comparison: the matcher's own cache of it is keyed
-        by composition, the same for every draw of a CSP target, and spent most of the time
-        comparing structures for equality."""
-        if i not in reduced:
-            try:
-                niggli = structures[i].get_reduced_structure(reduction_algo="niggli")
-                reduced[i] = Structure.from_sites(niggli.get_primitive_structure())
-            except Exception:  # degenerate cells: compared as distinct
-                reduced[i] = None
-        return reduced[i]
+    indices with its representative first (see :func:`rank_candidates`). ``reduced``: the
+    structures' reductions, shared with a later matching."""
+    matcher = _matcher()
+    reduced = _Reduced(structures) if reduced is None else reduced
 
     def same(i: int, j: int) -> bool:
-        a, b = reduce(i), reduce(j)
-        return a is not None and b is not None and matcher.fit(a, b, skip_structure_reduction=True)
+        a, b = reduced[i], reduced[j]
+        return a is not None and b is not None and matcher.fit(a, b)
 
     drawn = [i for i, s in enumerate(structures) if s is not None]
     return ranked_clusters(greedy_clusters(drawn, groups, same), mass, density)
@@ -171,7 +204,11 @@ def rank_candidates(
     distinct structures were drawn). Failed samples (None) are left out. Comparing within a
     space group keeps the cost near linear; a distorted copy of a higher-symmetry structure
     counts as a distinct guess."""
-    clusters = candidate_clusters(structures, groups, mass, density)
+    return _ranked_order(candidate_clusters(structures, groups, mass, density))
+
+
+def _ranked_order(clusters: list[list[int]]) -> list[int]:
+    """The representatives first, then the other members, as :func:`rank_candidates` says."""
     return [c[0] for c in clusters] + [i for c in clusters for i in c[1:]]
 
 
@@ -241,11 +278,14 @@ def _match_job(
     (groups, masses, densities, k): the k first samples of :func:`rank_candidates` are the
     predictions."""
     target, candidates, ranking = job
+    reduced = _Reduced(candidates)
     if ranking is not None:
         groups, mass, density, k = ranking
-        picked = rank_candidates(candidates, groups, mass, density)[:k]
+        clusters = candidate_clusters(candidates, groups, mass, density, reduced)
+        picked = _ranked_order(clusters)[:k]
         candidates = [candidates[i] for i in picked] + [None] * (k - len(picked))
-    return _rms_distances((target, candidates)), [crystal_validity(c) for c in candidates]
+        reduced = [reduced[i] for i in picked] + [None] * (k - len(picked))
+    return _rms_distances((target, candidates), reduced), [crystal_validity(c) for c in candidates]
 
 
 def _best(rms: np.ndarray) -> np.ndarray:
