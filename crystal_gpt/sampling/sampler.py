@@ -87,6 +87,7 @@ class _Drawer:
 
 FAR_OUTSIDE = 3  # requests beyond this many times the largest training cell need allow_unseen
 MAX_SAMPLES = 100_000_000  # per call: the crystals are kept in memory (~1 kB each)
+TAIL_COPIES = 16  # at most this many copies of a crystal in one batch of the queue's tail
 
 
 def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]:
@@ -383,7 +384,9 @@ def sample_crystals(
         bar = tqdm(total=n, desc="sampling", unit="crystal", delay=2)
 
     def settle(idx, batch, dead, moved, reasons) -> None:
-        """Keep a checked batch's accepted crystals; send the others back to be redrawn."""
+        """Keep a checked batch's accepted crystals; send the others back to be redrawn. A
+        crystal drawn several times in the batch (the tail's copies) keeps its first accepted
+        copy: the first acceptable one of i.i.d. draws, as one draw after another would give."""
         done = 0
         if resampler is not None:  # among the crystals that passed every check
             passed = [not stuck and why is None for stuck, why in zip(dead, reasons, strict=True)]
@@ -392,7 +395,10 @@ def sample_crystals(
                 "resampled to the training numbers of elements" if ok and not k else why
                 for ok, k, why in zip(passed, kept, reasons, strict=True)
             ]
+        last: dict[int, str] = {}
         for i, crystal, stuck, m, why in zip(idx, batch, dead, moved, reasons, strict=True):
+            if result[i] is not None:  # a copy after the accepted one: not drawn, in effect
+                continue
             placed[i] += m
             reason = "a dead end (no room for every element, or atoms too close)" if stuck else why
             if reason is None:
@@ -404,6 +410,10 @@ def sample_crystals(
                 done += 1
                 continue
             redraws[i] += 1
+            last[i] = reason
+        for i, reason in last.items():
+            if result[i] is not None:
+                continue
             if redraws[i] > max_redraws:
                 if give_up:
                     if bar is not None:
@@ -431,6 +441,14 @@ def sample_crystals(
                 drawn = None
                 if pending:
                     idx = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                    if len(idx) < batch_size and all(redraws[i] for i in idx):
+                        # the tail, only redraws left: a few hard requests drawn as copies at
+                        # once, instead of one small batch (a whole pass) per redraw
+                        copies = min(batch_size // len(idx), TAIL_COPIES)
+                        idx = [  # never more draws in all than max_redraws allows
+                            i for i in idx
+                            for _ in range(max(1, min(copies, max_redraws + 1 - int(redraws[i]))))
+                        ]  # fmt: skip
                     todo = [rows[i] for i in idx]
                     asked = {k: v[idx] for k, v in cond_values.items()}
                     bounds = None if counts is None else torch.as_tensor(counts[idx])
