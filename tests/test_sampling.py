@@ -172,3 +172,32 @@ def test_sample_checks_out_before_sampling_and_leaves_no_stale_files(tmp_path, c
         "crystal_00000.cif",
         "crystal_00001.cif",
     ]
+
+
+def test_tail_copies_keep_each_crystal_on_its_own_request():
+    """The queue's tail draws a crystal's redraws as copies in one batch: every crystal must
+    still be one of its own request (here each its own composition), carry its own redraw
+    count, and the copies must not change which requests get through."""
+    from pymatgen.core import Composition
+
+    import crystal_gpt.sampling.sampler as sampler
+    from crystal_gpt.model.checkpoints import load_model
+
+    csp = load_model("mp_20_csp")
+    asked = ["Li2MnO3", "NaCl", "Ba2CuWO6", "K3Sb", "Mg2SiO4", "CsPbBr3"]
+    rows = [c for c in asked for _ in range(3)]
+    out = sample_crystals(csp, len(rows), composition=rows, seed=1, batch_size=6, give_up=True)
+    assert sum(c.meta["redraws"] for c in out if c is not None) > 0  # the tail was reached
+    for c, want in zip(out, rows, strict=True):
+        assert c is not None
+        got = decode(c).composition.reduced_composition
+        assert got == Composition(want).reduced_composition
+        assert c.meta["redraws"] <= 100
+    before = sampler.TAIL_COPIES
+    try:
+        sampler.TAIL_COPIES = 1  # one draw per crystal per batch: the plain queue
+        plain = sample_crystals(csp, len(rows), composition=rows, seed=1, batch_size=6)
+    finally:
+        sampler.TAIL_COPIES = before
+    for c, want in zip(plain, rows, strict=True):
+        assert decode(c).composition.reduced_composition == Composition(want).reduced_composition
