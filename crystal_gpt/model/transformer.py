@@ -432,30 +432,25 @@ class CrystalGPT(nn.Module):
         parameters, heads only where the coordinate is free; ``inp``: ``coordinate_input``
         already computed)."""
         free = self.sym.free_mask[g, w]
-        sampling = x is None
         if inp is None:
             inp = self.coordinate_input(ctx, a)
-        if sampling:
-            x = self.sym.project(g, w, torch.zeros(len(g), 3, device=ctx.device))
-        if not score:
+        if x is None:  # drawn x, then y | x, then z | x, y, each head only where it is free
             if draw is None:
-                raise ValueError("coordinates without scores draw them: give a drawer")
+                raise ValueError("coordinates to draw need a drawer")
+            x = self.sym.project(g, w, torch.zeros(len(g), 3, device=inp.device))
             for j in range(3):
                 rows = free[:, j]
                 if bool(rows.any()):
                     x = x.clone()
                     x[rows, j] = draw.von_mises(self.x_params(inp[rows], x[rows], j))
                     x = self.sym.project(g, w, x)
+        if not score:
             return x, None, None
-        lp_x = torch.zeros(len(g), device=ctx.device)
+        lp_x = torch.zeros(len(g), device=inp.device)
         params = []
-        for j in range(3):
+        for j in range(3):  # drawn or given coordinates scored alike
             p = self.x_params(inp, x, j)
             params.append(p)
-            if sampling and bool(free[:, j].any()):
-                x = x.clone()
-                x[free[:, j], j] = draw.von_mises(p[free[:, j]])
-                x = self.sym.project(g, w, x)
             lp_x = lp_x + torch.where(free[:, j], von_mises_mixture_logpdf(x[:, j], p), 0.0)
         return x, lp_x, torch.stack(params, 1)
 
