@@ -26,6 +26,7 @@ from crystal_gpt.data.datasets import load_dataset
 from crystal_gpt.evaluation.csp import (
     MATCHER,
     _match_job,
+    _ranked_order,
     candidate_clusters,
     greedy_clusters,
     primitive_composition,
@@ -47,7 +48,7 @@ def plain_rms(target, structures, groups, mass, k: int) -> np.ndarray:
     """The k predictions' RMS to the target, each comparison a plain ``get_rms_dist``."""
     matcher = StructureMatcher(**MATCHER)
     clusters = plain_clusters(structures, groups, mass)
-    picked = ([c[0] for c in clusters] + [i for c in clusters for i in c[1:]])[:k]
+    picked = _ranked_order(clusters)[:k]
     out = np.full(k, np.nan)
     for j, i in enumerate(picked):
         try:
