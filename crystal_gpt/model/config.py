@@ -39,6 +39,10 @@ class ModelConfig:
     # element embeddings built from chemistry (group, period, electronegativity, radius, ...)
     # added to the learnt ones, in the inputs and in the element head
     element_features: bool = False
+    # each site token also carries the running charge of the atoms placed so far (typical,
+    # lowest and highest oxidation states summed; ``layers.charge_features``), so the element
+    # and letter heads see how far the crystal is from a neutral composition
+    charge_features: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +62,12 @@ class ModelConfig:
             raise ValueError(
                 f"model.d_model={self.d_model} must be a multiple of model.n_heads={self.n_heads}"
             )
-        for name in ("condition_on_composition", "lattice_first", "element_features"):
+        for name in (
+            "condition_on_composition",
+            "lattice_first",
+            "element_features",
+            "charge_features",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be true/false")
         conditions = self.conditions

@@ -178,5 +178,57 @@ def element_feature_table() -> Tensor:
     return torch.as_tensor(_element_features(), dtype=torch.float32)
 
 
+@functools.cache
+def _charge_table() -> np.ndarray:
+    from pymatgen.core.periodic_table import Element
+
+    from crystal_gpt.data.chemistry import oxidation_table
+
+    states, real, metal = oxidation_table()
+    out = np.zeros((NUM_ELEMENTS, 4))
+    for z in range(1, NUM_ELEMENTS):
+        if not real[z].any():  # no oxidation state (noble gases): carries no charge
+            continue
+        known = states[z][real[z]]
+        common = Element.from_Z(z).common_oxidation_states or tuple(known.tolist())
+        anion = [s for s in common if s < 0]
+        cation = [s for s in common if s > 0]
+        # the typical ion: a nonmetal's most negative common state, else the lowest positive
+        typical = min(anion) if anion and not metal[z] else min(cation or common)
+        out[z] = typical, known.min(), known.max(), float(not metal[z])
+    return out
+
+
+def charge_table() -> Tensor:
+    """(119, 4) per element: its typical oxidation state, the lowest and highest state of the
+    SMACT table, and 1 for a non-metal. Summed over a crystal's sites (times multiplicity)
+    these say how far the atoms placed so far are from a neutral composition, which the model
+    would otherwise have to add up across tokens by attention."""
+    return torch.as_tensor(_charge_table(), dtype=torch.float32)
+
+
+CHARGE_FEATURES = 7
+
+
+def charge_features(totals: Tensor) -> Tensor:
+    """(..., 5) running sums (typical charge, lowest charge, highest charge, non-metal atoms,
+    atoms) -> (..., 7) scale-free features: charges and non-metals per atom, whether zero lies
+    within reach of the states, and the sign and size of the typical charge."""
+    typical, low, high, nonmetal, atoms = totals.unbind(-1)
+    n = atoms.clamp(min=1.0)
+    return torch.stack(
+        [
+            typical / n,
+            low / n,
+            high / n,
+            nonmetal / n,
+            ((low <= 0) & (high >= 0)).float(),
+            torch.tanh(typical / 2),
+            (typical == 0).float(),
+        ],
+        dim=-1,
+    )
+
+
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))

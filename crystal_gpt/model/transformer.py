@@ -49,9 +49,12 @@ from crystal_gpt.model.distributions import (
 )
 from crystal_gpt.model.lattice import LatticeFlow
 from crystal_gpt.model.layers import (
+    CHARGE_FEATURES,
     COMPOSITION_DIM,
     Block,
     SymmetryTensors,
+    charge_features,
+    charge_table,
     composition_features,
     element_feature_table,
     fourier,
@@ -147,6 +150,11 @@ class CrystalGPT(nn.Module):
             self.head_a_feat = nn.Linear(d, d)
         else:
             self.emb_elem_feat = None
+        if c.charge_features:
+            self.register_buffer("charge_table", charge_table())
+            self.emb_charge = nn.Linear(CHARGE_FEATURES, d)
+        else:
+            self.emb_charge = None
         # P(L | context): drawn last, its lengths are per atom (N^(1/3)); drawn first, as they are
         self.lattice = LatticeFlow(d, c.flow_transforms, c.flow_hidden, not c.lattice_first)
         # what the training data covered (set by training): the sampler stays inside it unless
@@ -262,17 +270,38 @@ class CrystalGPT(nn.Module):
         counts.scatter_add_(1, torch.where(real, a, 0), mult)
         return counts / self.sym.lattice_points[g].unsqueeze(-1)
 
-    def embed_sites(self, g: Tensor, w: Tensor, a: Tensor, x: Tensor) -> Tensor:
-        """Embedding of sites (B, n) -> (B, n, d)."""
+    def embed_sites(
+        self, g: Tensor, w: Tensor, a: Tensor, x: Tensor, charge: Tensor | None = None
+    ) -> Tensor:
+        """Embedding of sites (B, n) -> (B, n, d). ``charge``: the running charge totals
+        after each site (``charge_totals``); by default summed from these sites alone, which is
+        right for a whole sequence (training) but not for a continuation (the sampler)."""
         gb = g.unsqueeze(-1).expand_as(w)
         feats = self.sym.site_features(gb, w)
-        return (
+        emb = (
             self.emb_gw(self._gw_index(gb, w))
             + self.emb_letter(w)
             + self.emb_wfeat(feats)
             + self.element_embedding(a)
             + self.emb_coord(fourier(x, self.config.fourier_freqs))
         )
+        if self.emb_charge is not None:
+            if charge is None:
+                charge = self.charge_totals(g, w, a)
+            emb = emb + self.emb_charge(charge_features(charge))
+        return emb
+
+    def charge_totals(
+        self, g: Tensor, w: Tensor, a: Tensor, before: Tensor | None = None
+    ) -> Tensor:
+        """(B, n, 5) running sums over sites (B, n), times multiplicity, of the typical, lowest
+        and highest oxidation states, non-metal atoms and atoms (padding, element 0, adds
+        nothing); ``before`` (B, 5): the totals of the sites already placed."""
+        gb = g.unsqueeze(-1).expand_as(w)
+        mult = self.sym.multiplicity[gb, w.clamp(max=self.sym.pad)] * (a > 0)
+        per_site = torch.cat([self.charge_table[a], torch.ones_like(mult).unsqueeze(-1)], -1)
+        totals = (per_site * mult.unsqueeze(-1)).cumsum(1)
+        return totals if before is None else totals + before.unsqueeze(1)
 
     def element_embedding(self, a: Tensor) -> Tensor:
         e = self.emb_elem(a)

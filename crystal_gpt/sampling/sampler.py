@@ -873,6 +873,8 @@ def _sample_batch(
     present = torch.zeros(B, NUM_ELEMENTS, dtype=torch.bool, device=device)
     dead = torch.zeros(B, dtype=torch.bool, device=device)
     site_redraws = torch.zeros(B, dtype=torch.long, device=device)
+    # running charge of each crystal's sites (models with ``charge_features``)
+    charge_sum = torch.zeros(B, 5, device=device) if model.emb_charge is not None else None
     steps = 0
     for k in range(max_sites + 1):
         n = len(rows)
@@ -956,7 +958,11 @@ def _sample_batch(
             charge.advance(w, a)
         W[k, rows], A[k, rows], X[k, rows] = w, a, x
         steps = k + 1
-        emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
+        totals = None
+        if charge_sum is not None:
+            totals = model.charge_totals(g, w.unsqueeze(1), a.unsqueeze(1), charge_sum[rows])
+            charge_sum[rows] = totals[:, 0]
+        emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1), totals)
         if use_cache:
             h = model.backbone(emb, caches, offset=k + 1)[:, -1]
         else:  # the reference: re-run the whole prefix for every new token
