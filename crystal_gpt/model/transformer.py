@@ -260,12 +260,16 @@ class CrystalGPT(nn.Module):
             std = float(v.std()) if len(v) > 1 else 1.0
             self.condition_stats[i] = torch.tensor([mean, std if std > 1e-8 else 1.0])
 
+    def _multiplicities(self, g: Tensor, w: Tensor, real: Tensor) -> Tensor:
+        """Atoms of each site (B, n) in the conventional cell; 0 where not ``real``."""
+        gb = g.unsqueeze(-1).expand_as(w)
+        return torch.where(real, self.sym.multiplicity[gb, w.clamp(max=self.sym.pad)], 0.0)
+
     def composition_counts(self, g: Tensor, w: Tensor, a: Tensor, n: Tensor) -> Tensor:
         """Atoms per primitive cell of each element (B, 119), read off the site sequence."""
         steps = torch.arange(w.shape[1], device=w.device)
         real = steps.unsqueeze(0) < n.unsqueeze(1)
-        gb = g.unsqueeze(-1).expand_as(w)
-        mult = torch.where(real, self.sym.multiplicity[gb, w.clamp(max=self.sym.pad)], 0.0)
+        mult = self._multiplicities(g, w, real)
         counts = torch.zeros(len(g), NUM_ELEMENTS, device=w.device)
         counts.scatter_add_(1, torch.where(real, a, 0), mult)
         return counts / self.sym.lattice_points[g].unsqueeze(-1)
@@ -297,8 +301,7 @@ class CrystalGPT(nn.Module):
         """(B, n, 5) running sums over sites (B, n), times multiplicity, of the typical, lowest
         and highest oxidation states, non-metal atoms and atoms (padding, element 0, adds
         nothing); ``before`` (B, 5): the totals of the sites already placed."""
-        gb = g.unsqueeze(-1).expand_as(w)
-        mult = self.sym.multiplicity[gb, w.clamp(max=self.sym.pad)] * (a > 0)
+        mult = self._multiplicities(g, w, a > 0)
         per_site = torch.cat([self.charge_table[a], torch.ones_like(mult).unsqueeze(-1)], -1)
         totals = (per_site * mult.unsqueeze(-1)).cumsum(1)
         return totals if before is None else totals + before.unsqueeze(1)
