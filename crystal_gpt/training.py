@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import tomllib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,6 +62,9 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0
     patience: int = 20  # epochs without hold-out improvement before stopping
+    # exponential moving average of the weights (0: off): validated, saved and sampled in place
+    # of the last step's weights; a cheap ensemble that generalises better on small datasets
+    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # or "bf16": the transformer blocks under autocast (GPU training)
@@ -91,7 +95,13 @@ class TrainConfig:
         ``batch_size=0`` would otherwise loop forever, ``lr='abc'`` fail deep in the optimiser)."""
         ints = {"epochs": 1, "batch_size": 1, "warmup_steps": 0, "patience": 1, "seed": 0}
         optional_ints = {"max_tokens": 1, "threads": 1, "limit": 1}
-        floats = {"lr": 0.0, "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0}
+        floats = {
+            "lr": 0.0,
+            "min_lr_ratio": 0.0,
+            "weight_decay": 0.0,
+            "grad_clip": 0.0,
+            "ema_decay": 0.0,
+        }
         for name, low in ints.items():
             check_number(name, getattr(self, name), low, int)
         for name, low in optional_ints.items():
@@ -104,6 +114,8 @@ class TrainConfig:
         check_number("symprec", self.symprec, 0.0, float)
         if not self.symprec > 0:
             raise ValueError(f"setting symprec={self.symprec!r} must be positive")
+        if not self.ema_decay < 1:
+            raise ValueError(f"setting ema_decay={self.ema_decay!r} must be below 1 (0: off)")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"setting precision={self.precision!r}: one of {', '.join(PRECISIONS)}"
@@ -359,6 +371,8 @@ def train(
     model.element_counts.copy_(element_count_histogram(train_set.a, len(model.element_counts)))
     with torch.no_grad():
         model.g_prior.copy_(spacegroup_prior(train_set.g))
+    # the histogram is P(g | nothing given) exactly: not for the optimiser to move
+    model.g_prior.requires_grad_(not cfg.model.g_marginal_histogram)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW(
@@ -375,8 +389,14 @@ def train(
         raise ValueError(f"{len(train_set)} crystals make fewer batches than the {world} ranks")
     total_steps = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0}
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     if ck is not None:
-        model.load_weights(ck["model"])
+        # with the average on, "model" holds the averaged weights (what inference loads) and
+        # "train_weights" the optimiser's own
+        if ema is not None:
+            model.load_weights(ck["model"])
+            ema = WeightAverage(model, cfg.ema_decay, updates=ck["state"]["step"])
+        model.load_weights(ck.get("train_weights", ck["model"]))
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         torch.set_rng_state(ck["torch_rng"])
@@ -413,9 +433,15 @@ def train(
     model.train()
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)
 
+    def averaged():  # the weights that are validated and saved for inference
+        return ema.swapped(model) if ema is not None else nullcontext()
+
     def checkpoint() -> dict:
+        with averaged():
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return {
-            "model": model.state_dict(),
+            "model": weights,
+            **({"train_weights": model.state_dict()} if ema is not None else {}),
             "optimizer": opt.state_dict(),
             "state": state,
             "config": cfg.to_dict(),
@@ -455,6 +481,8 @@ def train(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
+                if ema is not None:
+                    ema.update(model)
                 state["step"] += 1
                 state["batch"] += 1
                 total_loss += float(nll.detach().sum())
@@ -473,7 +501,8 @@ def train(
             state["epoch"] += 1
             state["batch"] = 0
             if is_main:
-                val = evaluate_nll(model, val_set, device=device)
+                with averaged():
+                    val = evaluate_nll(model, val_set, device=device)
                 improved = val["nll_total"] < state["best_val"] - 1e-4
                 if improved:
                     state.update(best_val=val["nll_total"], best_epoch=state["epoch"], bad_epochs=0)
@@ -536,7 +565,50 @@ def train(
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if distributed:
         dist.destroy_process_group()
+    if ema is not None:  # the returned model is the one saved: the average
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n, v in ema.shadow.items():
+                params[n].copy_(v)
     return TrainResult(summary, model, interrupted)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point parameters.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) over the updates t, so the first
+    steps' random weights do not linger. ``swapped`` puts the average into the model for a
+    block (validation, saving) and the training weights back afterwards.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0) -> None:
+        self.decay = decay
+        self.updates = updates
+        self.shadow = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()
+        }
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1.0 - d)
+
+    @contextmanager
+    def swapped(self, model: torch.nn.Module):
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, v in self.shadow.items():
+                params[n].copy_(v)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
 
 
 def _tensorboard(out: Path):

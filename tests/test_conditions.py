@@ -238,3 +238,88 @@ def test_train_sample_and_score_a_conditioned_model(tmp_path, carbon, capsys):
     assert hidden["nll_total"] != pytest.approx(given["nll_total"], abs=1e-4)
     assert cli_main([*nll, "--hide-conditions", "band_gap"]) == 2
     assert "no condition 'band_gap' (its conditions: energy_per_atom)" in capsys.readouterr().err
+
+
+def _p_g(model, conditions=None, guidance=None):
+    with torch.no_grad():
+        cond = model.condition_vector(None, conditions or {}, size=1)
+        guide = None
+        if guidance is not None:
+            guide = (model.condition_vector(None, {}, size=1), guidance)
+        logits = model.g_logits(cond, guide)[0].clone()
+    logits[0] = -torch.inf
+    return torch.softmax(logits.double(), -1)
+
+
+def _with_histogram_option(model, value: bool):
+    out = copy.deepcopy(model)
+    out.config = copy.deepcopy(model.config)
+    out.config.g_marginal_histogram = value
+    return out
+
+
+def test_g_marginal_histogram_makes_nothing_given_the_prior(cond_model):
+    """With the option, P(g | nothing given) is g_prior itself (the training histogram),
+    guided or not, while a given condition still moves it; without it the learnt term does."""
+    exact = _with_histogram_option(cond_model, True)
+    legacy = _with_histogram_option(cond_model, False)
+    logits = exact.g_prior.detach().clone()
+    logits[0] = -torch.inf
+    prior = torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(_p_g(exact), prior)
+    torch.testing.assert_close(_p_g(exact, guidance=3.0), prior)
+    assert (_p_g(exact, {"y": 4.0}) - prior).abs().sum() > 0.1
+    assert (_p_g(legacy) - prior).abs().sum() > 0.1  # the option is what makes it exact
+
+
+def test_histogram_group_prior_rewrites_a_conditioned_checkpoint(tmp_path, cond_model, carbon):
+    from crystal_gpt.model.checkpoints import histogram_group_prior
+    from crystal_gpt.model.distributions import spacegroup_prior
+
+    cond_model = _with_histogram_option(cond_model, False)  # a model from before the option
+    src = tmp_path / "m.pt"
+    meta = {"dataset": "carbon_24", "train_split": "holdout"}
+    state = {k: v.clone() for k, v in cond_model.state_dict().items()}
+    torch.save({"model": state, "model_config": cond_model.config.to_dict(), "meta": meta}, src)
+    out = histogram_group_prior(src, tmp_path / "h.pt")
+    new = load_model(out)
+    assert new.config.g_marginal_histogram
+    hist = spacegroup_prior(carbon.spacegroup).double()
+    hist[0] = -torch.inf
+    torch.testing.assert_close(_p_g(new), torch.softmax(hist, -1))
+    # P(g | y) is the old one reweighted by histogram / old P(g | nothing)
+    old_y, old_none = _p_g(cond_model, {"y": 4.0}), _p_g(cond_model)
+    expect = old_y * torch.softmax(hist, -1) / old_none.clamp(min=1e-300)
+    expect[0] = 0
+    torch.testing.assert_close(_p_g(new, {"y": 4.0}), expect / expect.sum())
+    for k, v in cond_model.state_dict().items():  # nothing else changed
+        if k != "g_prior":
+            torch.testing.assert_close(new.state_dict()[k], v)
+    with pytest.raises(ValueError, match="histogram already"):
+        histogram_group_prior(out)
+    plain = tmp_path / "plain.pt"
+    cfg = {**cond_model.config.to_dict(), "conditions": {}}
+    torch.save({"model": {}, "model_config": cfg, "meta": meta}, plain)
+    with pytest.raises(ValueError, match="not a conditioned model"):
+        histogram_group_prior(plain)
+
+
+def test_training_with_g_marginal_histogram_keeps_the_histogram(tmp_path, carbon):
+    from crystal_gpt.model.distributions import spacegroup_prior
+
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "epochs=1",
+            'model.conditions={"energy_per_atom": 1}',
+            "model.g_marginal_histogram=true",
+        ],
+    )
+    train_ds = carbon.select(np.arange(80))
+    train(cfg, tmp_path / "run", train_data=train_ds, val_data=carbon.select(np.arange(80, 102)),
+          progress=False)  # fmt: skip
+    m = load_model(tmp_path / "run" / "best.pt")
+    torch.testing.assert_close(m.g_prior.detach(), spacegroup_prior(train_ds.spacegroup))
+    hist = spacegroup_prior(train_ds.spacegroup).double()
+    hist[0] = -torch.inf
+    torch.testing.assert_close(_p_g(m), torch.softmax(hist, -1))

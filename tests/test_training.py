@@ -81,6 +81,58 @@ def test_train_writes_logs_checkpoints_and_resumes_exactly(tmp_path, small_data)
         train(cfg, tmp_path / "c", train_data=train_ds, val_data=val_ds, resume=True)
 
 
+def test_weight_average_follows_its_recursion_and_swaps_back():
+    from crystal_gpt.training import WeightAverage
+
+    net = torch.nn.Linear(3, 2)
+    ema = WeightAverage(net, decay=0.9)
+    expect = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for t in range(1, 40):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net)
+        d = min(0.9, (1 + t) / (10 + t))
+        for n, p in net.named_parameters():
+            expect[n] = d * expect[n] + (1 - d) * p.detach()
+    own = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with ema.swapped(net):
+        for n, p in net.named_parameters():
+            assert torch.allclose(p, expect[n], atol=1e-6), n
+            assert not torch.allclose(p, own[n]), n
+    for n, p in net.named_parameters():  # the training weights are back
+        assert torch.equal(p, own[n]), n
+
+
+def test_weight_average_is_validated_saved_and_resumed(tmp_path, small_data):
+    from crystal_gpt.data.batching import PaddedCrystals
+    from crystal_gpt.model.checkpoints import read_checkpoint
+    from crystal_gpt.training import evaluate_nll
+
+    train_ds, val_ds = small_data
+    cfg = tiny(epochs=3, seed=4, ema_decay=0.9)
+    full = train(cfg, tmp_path / "a", train_data=train_ds, val_data=val_ds, progress=False)
+    last = read_checkpoint(tmp_path / "a" / "last.pt")
+    # inference weights (the average) differ from the optimiser's, and are what was validated
+    val_set = PaddedCrystals(val_ds, cfg.model.max_sites)
+    model = load_model(tmp_path / "a" / "last.pt")
+    nll = evaluate_nll(model, val_set)["nll_total"]
+    with open(tmp_path / "a" / "log.csv") as f:
+        logged = float(list(csv.DictReader(f))[-1]["val_nll_total"])
+    assert nll == pytest.approx(logged, abs=1e-3)
+    model.load_weights(last["train_weights"])
+    assert abs(evaluate_nll(model, val_set)["nll_total"] - logged) > 1e-2
+    for k, v in full.model.state_dict().items():  # the returned model is the saved average
+        assert torch.allclose(v, last["model"][k], atol=1e-6), k
+    # interrupted and resumed: the same average and training weights as without the stop
+    train(cfg, tmp_path / "b", train_data=train_ds, val_data=val_ds, progress=False, stop_after=1)
+    train(cfg, tmp_path / "b", train_data=train_ds, val_data=val_ds, progress=False, resume=True)
+    again = read_checkpoint(tmp_path / "b" / "last.pt")
+    for key in ("model", "train_weights"):
+        for k, v in last[key].items():
+            assert torch.allclose(v, again[key][k], atol=1e-6), (key, k)
+
+
 def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(
     tmp_path, small_data, monkeypatch
 ):
@@ -218,6 +270,8 @@ def test_cli_train_and_nll(tmp_path, capsys):
         ("limit=0", "limit=0"),
         ("model.dropout=1.5", "must be below 1"),
         ('precision="fp16"', "precision='fp16': one of fp32, bf16"),
+        ("ema_decay=1", "ema_decay=1 must be below 1"),
+        ("ema_decay=-0.5", "ema_decay=-0.5"),
     ],
 )
 def test_bad_settings_are_named_before_any_work(override, message, tmp_path):

@@ -218,8 +218,35 @@ def record_element_counts(name: str) -> Path:
     return path
 
 
+def histogram_group_prior(src: str | Path, dst: str | Path | None = None) -> Path:
+    """Rewrite a conditioned model so that P(g | nothing given) is its training histogram
+    (``ModelConfig.g_marginal_histogram``): ``g_prior`` becomes the smoothed histogram of the
+    training split its metadata names and the conditions' term is measured from the
+    all-absent vector. The other weights are untouched; P(g | conditions) is reweighted by
+    histogram / the old P(g | nothing). A bundled name or a file; ``dst`` defaults to it."""
+    path = _models_dir() / f"{src}.pt" if not str(src).endswith(".pt") else Path(src)
+    state = read_checkpoint(path)
+    meta, cfg = state.get("meta", {}), state["model_config"]
+    if not (cfg.get("conditions") or cfg.get("condition_on_composition")):
+        raise ValueError(f"{path}: not a conditioned model (its P(g) is the histogram already)")
+    if cfg.get("g_marginal_histogram"):
+        raise ValueError(f"{path}: P(g | nothing given) is the histogram already")
+    if not meta.get("dataset") or not meta.get("train_split"):
+        raise ValueError(f"{path}: no training data recorded in its metadata")
+    train = encode_dataset(meta["dataset"], meta["train_split"], progress=False)
+    prior = spacegroup_prior(train.spacegroup)
+    state["model"]["g_prior"] = prior.to(state["model"]["g_prior"].dtype)
+    state["model_config"] = {**cfg, "g_marginal_histogram": True}
+    out = Path(dst) if dst is not None else path
+    tmp = out.with_suffix(".partial")
+    torch.save(state, tmp)
+    tmp.replace(out)  # never left half written
+    return out
+
+
 USAGE = """usage: python -m crystal_gpt.model.checkpoints export RUN_DIR NAME ['{json extra}']
-       python -m crystal_gpt.model.checkpoints element-counts NAME [NAME ...]"""
+       python -m crystal_gpt.model.checkpoints element-counts NAME [NAME ...]
+       python -m crystal_gpt.model.checkpoints g-histogram NAME|FILE [OUT]"""
 
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "export":
@@ -228,5 +255,7 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 3 and sys.argv[1] == "element-counts":
         for model_name in sys.argv[2:]:
             print(record_element_counts(model_name))
+    elif len(sys.argv) in (3, 4) and sys.argv[1] == "g-histogram":
+        print(histogram_group_prior(*sys.argv[2:]))
     else:
         sys.exit(USAGE)

@@ -345,10 +345,17 @@ class CrystalGPT(nn.Module):
         """Logits of P(g | conditions); ``guide`` = (the unconditional condition vector, scale)."""
         if cond is None or self.g_prior_cond is None:
             return self.g_prior
-        logits = self.g_prior + self.g_prior_cond(cond)
+        logits = self.g_prior + self._g_offset(cond)
         if guide is not None:
-            logits = guided(logits, self.g_prior + self.g_prior_cond(guide[0]), guide[1])
+            logits = guided(logits, self.g_prior + self._g_offset(guide[0]), guide[1])
         return logits
+
+    def _g_offset(self, cond: Tensor) -> Tensor:
+        """The conditions' term of P(g | conditions); with ``g_marginal_histogram`` measured
+        from the all-absent vector, so that P(g | nothing given) is ``g_prior`` itself."""
+        if not self.config.g_marginal_histogram:
+            return self.g_prior_cond(cond)
+        return F.linear(cond - self.cond_absent.sum(0), self.g_prior_cond.weight)
 
     def g_logprob(self, g: Tensor, cond: Tensor | None) -> Tensor:
         logits = self.g_logits(cond)
