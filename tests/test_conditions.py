@@ -302,6 +302,10 @@ def test_histogram_group_prior_rewrites_a_conditioned_checkpoint(tmp_path, cond_
     torch.save({"model": {}, "model_config": cfg, "meta": meta}, plain)
     with pytest.raises(ValueError, match="not a conditioned model"):
         histogram_group_prior(plain)
+    csp = tmp_path / "csp.pt"
+    torch.save({"model": {}, "model_config": {**cfg, "condition_on_composition": True}}, csp)
+    with pytest.raises(ValueError, match="always has a composition"):
+        histogram_group_prior(csp)
 
 
 def test_training_with_g_marginal_histogram_keeps_the_histogram(tmp_path, carbon):

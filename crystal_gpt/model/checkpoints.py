@@ -227,7 +227,12 @@ def histogram_group_prior(src: str | Path, dst: str | Path | None = None) -> Pat
     path = _models_dir() / f"{src}.pt" if not str(src).endswith(".pt") else Path(src)
     state = read_checkpoint(path)
     meta, cfg = state.get("meta", {}), state["model_config"]
-    if not (cfg.get("conditions") or cfg.get("condition_on_composition")):
+    if cfg.get("condition_on_composition"):
+        raise ValueError(
+            f"{path}: a structure-prediction model always has a composition: its P(g) is never "
+            "the unconditional one"
+        )
+    if not cfg.get("conditions"):
         raise ValueError(f"{path}: not a conditioned model (its P(g) is the histogram already)")
     if cfg.get("g_marginal_histogram"):
         raise ValueError(f"{path}: P(g | nothing given) is the histogram already")
