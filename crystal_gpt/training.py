@@ -389,13 +389,14 @@ def train(
         raise ValueError(f"{len(train_set)} crystals make fewer batches than the {world} ranks")
     total_steps = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0}
-    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    # with the average on, a checkpoint's "model" holds the averaged weights (what inference
+    # loads) and "train_weights" the optimiser's own
     if ck is not None:
-        # with the average on, "model" holds the averaged weights (what inference loads) and
-        # "train_weights" the optimiser's own
-        if ema is not None:
-            model.load_weights(ck["model"])
-            ema = WeightAverage(model, cfg.ema_decay, updates=ck["state"]["step"])
+        model.load_weights(ck["model"])
+    ema = None
+    if cfg.ema_decay:
+        ema = WeightAverage(model, cfg.ema_decay, ck["state"]["step"] if ck is not None else 0)
+    if ck is not None:
         model.load_weights(ck.get("train_weights", ck["model"]))
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
@@ -433,12 +434,11 @@ def train(
     model.train()
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)
 
-    def averaged():  # the weights that are validated and saved for inference
-        return ema.swapped(model) if ema is not None else nullcontext()
-
     def checkpoint() -> dict:
-        with averaged():
-            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        weights = model.state_dict()
+        if ema is not None:  # a copy: swapping back restores the training weights in place
+            with ema.swapped(model):
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return {
             "model": weights,
             **({"train_weights": model.state_dict()} if ema is not None else {}),
@@ -501,7 +501,8 @@ def train(
             state["epoch"] += 1
             state["batch"] = 0
             if is_main:
-                with averaged():
+                # the weights saved for inference are the ones validated
+                with ema.swapped(model) if ema is not None else nullcontext():
                     val = evaluate_nll(model, val_set, device=device)
                 improved = val["nll_total"] < state["best_val"] - 1e-4
                 if improved:
@@ -566,10 +567,7 @@ def train(
     if distributed:
         dist.destroy_process_group()
     if ema is not None:  # the returned model is the one saved: the average
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for n, v in ema.shadow.items():
-                params[n].copy_(v)
+        ema.copy_to(model)
     return TrainResult(summary, model, interrupted)
 
 
@@ -596,19 +594,22 @@ class WeightAverage:
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach(), 1.0 - d)
 
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module, weights: dict | None = None) -> None:
+        """Put ``weights`` (default: the average) into the model's parameters."""
+        params = dict(model.named_parameters())
+        for n, v in (self.shadow if weights is None else weights).items():
+            params[n].copy_(v)
+
     @contextmanager
     def swapped(self, model: torch.nn.Module):
         params = dict(model.named_parameters())
         saved = {n: params[n].detach().clone() for n in self.shadow}
-        with torch.no_grad():
-            for n, v in self.shadow.items():
-                params[n].copy_(v)
+        self.copy_to(model)
         try:
             yield model
         finally:
-            with torch.no_grad():
-                for n, v in saved.items():
-                    params[n].copy_(v)
+            self.copy_to(model, saved)
 
 
 def _tensorboard(out: Path):

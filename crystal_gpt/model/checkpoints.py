@@ -21,6 +21,7 @@ from crystal_gpt.data.geometry import training_pair_distances
 from crystal_gpt.model.config import ModelConfig
 from crystal_gpt.model.distributions import element_count_histogram, spacegroup_prior
 from crystal_gpt.model.transformer import CrystalGPT
+from crystal_gpt.utils import atomic_path
 
 DEFAULT_MODEL = "mp_20"
 # kept in float32 in bundled files: a condition mean of -154 would lose 0.1 in float16, and
@@ -243,9 +244,8 @@ def histogram_group_prior(src: str | Path, dst: str | Path | None = None) -> Pat
     state["model"]["g_prior"] = prior.to(state["model"]["g_prior"].dtype)
     state["model_config"] = {**cfg, "g_marginal_histogram": True}
     out = Path(dst) if dst is not None else path
-    tmp = out.with_suffix(".partial")
-    torch.save(state, tmp)
-    tmp.replace(out)  # never left half written
+    with atomic_path(out, ".pt") as tmp:  # never left half written
+        torch.save(state, tmp)
     return out
 
 
