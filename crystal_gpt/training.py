@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from crystal_gpt.data.batching import PaddedCrystals, bucketed_batches
 from crystal_gpt.data.cache import EncodedDataset, encode_dataset
-from crystal_gpt.data.geometry import training_pair_distances
+from crystal_gpt.data.geometry import training_element_volumes, training_pair_distances
 from crystal_gpt.model.checkpoints import load_model as load_model  # the one loader
 from crystal_gpt.model.checkpoints import read_checkpoint
 from crystal_gpt.model.config import ModelConfig, check_number
@@ -369,6 +369,8 @@ def train(
     model.set_condition_stats(train_set.conditions)
     model.pair_min_distance.copy_(torch.as_tensor(training_pair_distances(train_set)))
     model.element_counts.copy_(element_count_histogram(train_set.a, len(model.element_counts)))
+    if cfg.model.volume_features:
+        model.element_volume.copy_(torch.as_tensor(training_element_volumes(train_set)))
     with torch.no_grad():
         model.g_prior.copy_(spacegroup_prior(train_set.g))
     # the histogram is P(g | nothing given) exactly: not for the optimiser to move

@@ -38,6 +38,11 @@ def metric_tensor(lattice: Tensor) -> Tensor:
     return c * lengths.unsqueeze(-1) * lengths.unsqueeze(-2)
 
 
+def cell_volume(lattice: Tensor) -> Tensor:
+    """(..., 6) lattice parameters (Angstrom, degrees) -> (...) cell volumes (Angstrom^3)."""
+    return torch.linalg.det(metric_tensor(lattice)).clamp(min=0).sqrt()
+
+
 def periodic_distances(metric: Tensor, frac_diff: Tensor) -> Tensor:
     """Shortest periodic distances for fractional differences (B, P, 3) under metrics
     (B, 3, 3): the minimum over the 27 images of the wrapped difference."""
@@ -134,3 +139,42 @@ def distance_thresholds(pair_min: np.ndarray, fraction: float = DISTANCE_FRACTIO
     r = atomic_radii()
     radius_sum = r[:, None] + r[None, :]
     return fraction * np.where(pair_min > 0, pair_min, radius_sum)
+
+
+def element_volumes(counts: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+    """(119,) volume per atom of each element (Angstrom^3) such that a crystal's cell volume is
+    about the sum over its atoms: non-negative least squares on the relative error, over
+    crystals ``counts`` (N, 119) atoms of each element in the cell and ``volumes`` (N,). An
+    element no crystal holds gets the sphere of its atomic radius, scaled by the median ratio
+    of fitted volume to sphere over the elements seen."""
+    from scipy.optimize import nnls
+
+    counts = np.asarray(counts, dtype=float)
+    volumes = np.asarray(volumes, dtype=float)
+    seen = counts.sum(0) > 0
+    weight = 1.0 / volumes
+    fit, _ = nnls(counts[:, seen] * weight[:, None], volumes * weight)
+    out = np.zeros(counts.shape[1])
+    out[seen] = fit
+    sphere = 4.0 / 3.0 * np.pi * atomic_radii()[: counts.shape[1]] ** 3
+    both = seen & (out > 0)
+    both[0] = False
+    scale = float(np.median(out[both] / sphere[both])) if both.any() else 1.0
+    unseen = ~seen
+    unseen[0] = False
+    out[unseen] = scale * sphere[unseen]
+    out[0] = 0.0  # padding
+    return out
+
+
+def training_element_volumes(data) -> np.ndarray:
+    """``element_volumes`` of padded crystals (``data.batching.PaddedCrystals``), counted in
+    the conventional cell that the lattice parameters describe."""
+    mult = get_tables().multiplicity
+    counts = np.zeros((len(data.g), 119))
+    for i in range(len(data.g)):
+        k = int(data.n[i])
+        m = mult[int(data.g[i]), data.w[i, :k]]
+        np.add.at(counts[i], data.a[i, :k], m)
+    volumes = cell_volume(torch.as_tensor(data.lattice, dtype=torch.float64)).numpy()
+    return element_volumes(counts, volumes)

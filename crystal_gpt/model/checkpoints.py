@@ -25,8 +25,9 @@ from crystal_gpt.utils import atomic_path
 
 DEFAULT_MODEL = "mp_20"
 # kept in float32 in bundled files: a condition mean of -154 would lose 0.1 in float16, and
-# counts of training crystals pass float16's 65,504
-FULL_PRECISION = ("condition_stats", "element_counts")
+# counts of training crystals pass float16's 65,504, and the fitted element volumes set the
+# fill the heads read (float16 would round Cs's 53.3 A^3 by 0.03)
+FULL_PRECISION = ("condition_stats", "element_counts", "element_volume")
 
 
 def _models_dir() -> Path:

@@ -43,6 +43,12 @@ class ModelConfig:
     # lowest and highest oxidation states summed; ``layers.charge_features``), so the element
     # and letter heads see how far the crystal is from a neutral composition
     charge_features: bool = False
+    # lattice first only: each site token also carries the fraction of the drawn cell's volume
+    # that the atoms placed so far take up (per-element volumes fitted to the training cells,
+    # ``data.geometry.element_volumes``), and the element head scores every candidate by the
+    # fraction it would leave filled; without it the model matched composition to the drawn
+    # volume poorly (benchmarks/RESULTS.md, "The cell's volume and its atoms")
+    volume_features: bool = False
     # P(g) with no condition given is the training histogram (its maximum-likelihood value) by
     # construction: conditions add a learnt offset that is zero when every one is absent.
     # Without it a conditioned model learns P(g | nothing) from the rows whose conditions were
@@ -73,10 +79,16 @@ class ModelConfig:
             "lattice_first",
             "element_features",
             "charge_features",
+            "volume_features",
             "g_marginal_histogram",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be true/false")
+        if self.volume_features and not self.lattice_first:
+            raise ValueError(
+                "setting model.volume_features=true needs model.lattice_first=true (the cell's "
+                "volume must be known while the atoms are placed)"
+            )
         conditions = self.conditions
         if not isinstance(conditions, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crystal_gpt.data.geometry import cell_volume
 from crystal_gpt.data.symmetry import (
     lowest_next_element,
 )
@@ -51,6 +52,7 @@ from crystal_gpt.model.lattice import LatticeFlow
 from crystal_gpt.model.layers import (
     CHARGE_FEATURES,
     COMPOSITION_DIM,
+    VOLUME_FEATURES,
     Block,
     SymmetryTensors,
     charge_features,
@@ -59,6 +61,7 @@ from crystal_gpt.model.layers import (
     element_feature_table,
     fourier,
     mlp,
+    volume_features,
 )
 
 PARTS = ("g", "W", "A", "X", "L")
@@ -76,6 +79,13 @@ def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance of logits: log p(.|y)^s p(.)^(1-s), renormalised by the caller's
     softmax; scale 1 is the conditional model, 0 the unconditional one."""
     return uncond + scale * (cond - uncond)
+
+
+def site_volume(fill: Tensor, volume: Tensor) -> Tensor:
+    """(B, T+1, 2) what each step's element head reads: the fill before the site (0 before the
+    first; ``fill`` (B, T) is after each site) and the cell volume (B,)."""
+    before = torch.cat([torch.zeros_like(fill[:, :1]), fill], 1)
+    return torch.stack([before, volume.unsqueeze(1).expand_as(before)], -1)
 
 
 def _present_name(key: str) -> str:
@@ -155,6 +165,13 @@ class CrystalGPT(nn.Module):
             self.emb_charge = nn.Linear(CHARGE_FEATURES, d)
         else:
             self.emb_charge = None
+        if c.volume_features:
+            # volume per atom of each element (Angstrom^3), fitted to the training cells
+            self.register_buffer("element_volume", torch.zeros(NUM_ELEMENTS))
+            self.emb_volume = nn.Linear(VOLUME_FEATURES, d)
+            self.head_a_volume = nn.Linear(d, VOLUME_FEATURES)
+        else:
+            self.emb_volume = None
         # P(L | context): drawn last, its lengths are per atom (N^(1/3)); drawn first, as they are
         self.lattice = LatticeFlow(d, c.flow_transforms, c.flow_hidden, not c.lattice_first)
         # what the training data covered (set by training): the sampler stays inside it unless
@@ -275,11 +292,19 @@ class CrystalGPT(nn.Module):
         return counts / self.sym.lattice_points[g].unsqueeze(-1)
 
     def embed_sites(
-        self, g: Tensor, w: Tensor, a: Tensor, x: Tensor, charge: Tensor | None = None
+        self,
+        g: Tensor,
+        w: Tensor,
+        a: Tensor,
+        x: Tensor,
+        charge: Tensor | None = None,
+        fill: Tensor | None = None,
     ) -> Tensor:
         """Embedding of sites (B, n) -> (B, n, d). ``charge``: the running charge totals
         after each site (``charge_totals``); by default summed from these sites alone, which is
-        right for a whole sequence (training) but not for a continuation (the sampler)."""
+        right for a whole sequence (training) but not for a continuation (the sampler).
+        ``fill`` (B, n): the fraction of the cell filled after each site (``volume_fill``),
+        needed by models with ``volume_features``."""
         gb = g.unsqueeze(-1).expand_as(w)
         feats = self.sym.site_features(gb, w)
         emb = (
@@ -293,7 +318,21 @@ class CrystalGPT(nn.Module):
             if charge is None:
                 charge = self.charge_totals(g, w, a)
             emb = emb + self.emb_charge(charge_features(charge))
+        if self.emb_volume is not None:
+            if fill is None:
+                raise ValueError("a model with volume_features needs the cell's running fill")
+            emb = emb + self.emb_volume(volume_features(fill))
         return emb
+
+    def volume_fill(
+        self, g: Tensor, w: Tensor, a: Tensor, volume: Tensor, before: Tensor | None = None
+    ) -> Tensor:
+        """(B, n) fraction of each cell's ``volume`` (B,) taken by the atoms of sites (B, n)
+        up to and including each one (fitted volume per atom times multiplicity; padding,
+        element 0, adds nothing); ``before`` (B,): the fraction of the sites already placed."""
+        mult = self._multiplicities(g, w, a > 0)
+        fill = (mult * self.element_volume[a]).cumsum(1) / volume.unsqueeze(1)
+        return fill if before is None else fill + before.unsqueeze(1)
 
     def charge_totals(
         self, g: Tensor, w: Tensor, a: Tensor, before: Tensor | None = None
@@ -408,6 +447,7 @@ class CrystalGPT(nn.Module):
         lattice: Tensor | None = None,
         guide: tuple[Tensor, float] | None = None,
         score: bool = True,
+        volume: Tensor | None = None,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -419,6 +459,7 @@ class CrystalGPT(nn.Module):
         ``guide`` = (the unconditional stream's h, scale): guided element logits (sampling).
         ``score=False`` (the sampler): draw only, without the log-probabilities and with each
         coordinate head run on the rows where that coordinate is free.
+        ``volume`` (B, 2): the cell's fill before this site and its volume (``volume_features``).
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = self._site_context(h, g, w, lattice)
@@ -427,9 +468,9 @@ class CrystalGPT(nn.Module):
         legal = (z > 0) & (z >= floor.unsqueeze(-1))
         if allowed is not None:
             legal = legal & allowed
-        a_logits = self._element_logits(ctx)
+        a_logits = self._element_logits(ctx, g, w, volume)
         if guide is not None:
-            uncond = self._element_logits(self._site_context(guide[0], g, w, lattice))
+            uncond = self._element_logits(self._site_context(guide[0], g, w, lattice), g, w, volume)
             a_logits = guided(a_logits, uncond, guide[1])
         a_logits = a_logits.masked_fill(~legal, float("-inf"))
         if a is None:
@@ -446,11 +487,22 @@ class CrystalGPT(nn.Module):
         ctx = h + self.emb_chosen_letter(self._gw_index(g, w))
         return ctx if lattice is None else ctx + lattice
 
-    def _element_logits(self, ctx: Tensor) -> Tensor:
+    def _element_logits(
+        self, ctx: Tensor, g: Tensor, w: Tensor, volume: Tensor | None = None
+    ) -> Tensor:
         a_logits = self.head_a(ctx)
         if self.emb_elem_feat is not None:  # similar elements get similar scores
             chem = self.emb_elem_feat(self.element_table)  # (119, d)
             a_logits = a_logits + self.head_a_feat(ctx) @ chem.T / chem.shape[1] ** 0.5
+        if self.emb_volume is not None:  # each candidate scored by the fill it would leave
+            if volume is None:
+                raise ValueError("a model with volume_features needs the cell's fill and volume")
+            fill, cell = volume.unbind(-1)
+            mult = self.sym.multiplicity[g, w.clamp(max=self.sym.pad)]
+            after = fill.unsqueeze(-1) + (mult / cell).unsqueeze(-1) * self.element_volume
+            a_logits = a_logits + torch.einsum(
+                "bk,bek->be", self.head_a_volume(ctx), volume_features(after)
+            )
         return a_logits
 
     def coordinates(
@@ -536,7 +588,11 @@ class CrystalGPT(nn.Module):
         if lat_emb is not None:
             lat_ctx = self.first_lattice_context(start, g)
             start = start + lat_emb.unsqueeze(1)
-        h = torch.cat([start, self.embed_sites(g, w, a, x)], dim=1)
+        fill = volume = None
+        if self.emb_volume is not None:  # the cell's running fill, after each site
+            volume = cell_volume(batch["lattice"]).float()
+            fill = self.volume_fill(g, w, a, volume)
+        h = torch.cat([start, self.embed_sites(g, w, a, x, fill=fill)], dim=1)
         h = self.backbone(h)  # (B, T+1, d): output k predicts site k+1
         # targets: sites 1..n, then the end
         steps = torch.arange(T + 1, device=g.device)
@@ -568,6 +624,7 @@ class CrystalGPT(nn.Module):
             a=a_t[is_site],
             x=x_t[is_site],
             lattice=None if lat_emb is None else lat_emb[site_of],
+            volume=None if fill is None else site_volume(fill, volume)[is_site],
         )
         lp_a, lp_x = step.lp_a, step.lp_x
 

@@ -25,6 +25,7 @@ from crystal_gpt.data.codec import (
     expand,
     reduce_lattice_parameters,
 )
+from crystal_gpt.data.geometry import cell_volume
 from crystal_gpt.data.symmetry import (
     CRYSTAL_SYSTEMS,
     check_spacegroup,
@@ -875,6 +876,11 @@ def _sample_batch(
     site_redraws = torch.zeros(B, dtype=torch.long, device=device)
     # running charge of each crystal's sites (models with ``charge_features``)
     charge_sum = torch.zeros(B, 5, device=device) if model.emb_charge is not None else None
+    # the fraction of each cell its atoms fill so far (models with ``volume_features``)
+    fill_sum = cell = None
+    if model.emb_volume is not None:
+        cell = cell_volume(lattice).float()
+        fill_sum = torch.zeros(B, device=device)
     steps = 0
     for k in range(max_sites + 1):
         n = len(rows)
@@ -944,6 +950,7 @@ def _sample_batch(
             lattice=lat_emb,
             guide=uncond and (uncond.h, guidance),
             score=False,
+            volume=None if fill_sum is None else torch.stack([fill_sum[rows], cell[rows]], -1),
         )
         a, x = step.a, step.x
         if placement is not None:
@@ -962,7 +969,13 @@ def _sample_batch(
         if charge_sum is not None:
             totals = model.charge_totals(g, w.unsqueeze(1), a.unsqueeze(1), charge_sum[rows])
             charge_sum[rows] = totals[:, 0]
-        emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1), totals)
+        fills = None
+        if fill_sum is not None:
+            fills = model.volume_fill(
+                g, w.unsqueeze(1), a.unsqueeze(1), cell[rows], before=fill_sum[rows]
+            )
+            fill_sum[rows] = fills[:, 0]
+        emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1), totals, fills)
         if use_cache:
             h = model.backbone(emb, caches, offset=k + 1)[:, -1]
         else:  # the reference: re-run the whole prefix for every new token
