@@ -1,19 +1,26 @@
 """The running-charge input (``model.charge_features``): what it sums on real crystals, that the
-sampler's incremental totals are the training sequence's, and that the model stays causal."""
+sampler's incremental totals are the training sequence's, and that the model stays causal; and
+the element head's per-candidate charge scores (``model.charge_candidates``): samples follow
+them (PIT)."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from pymatgen.core import Element
+from scipy import stats
 
 from crystal_gpt import encode_dataset
 from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.codec import decode
+from crystal_gpt.model.config import ModelConfig
 from crystal_gpt.model.distributions import lattice_statistics
 from crystal_gpt.model.layers import charge_features, charge_table
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
 from crystal_gpt.training import load_config
+from tests.test_calibration import pits
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +126,37 @@ def test_a_checkpoint_keeps_the_table(charged):
     fresh = CrystalGPT(charged.config)
     fresh.load_weights(state)
     assert torch.equal(fresh.charge_table, charged.charge_table)
+
+
+@pytest.fixture(scope="module")
+def candidates(data) -> CrystalGPT:
+    """Like ``charged`` with the per-candidate charge scores, made to matter (sharpened)."""
+    torch.manual_seed(1)
+    cfg = load_config("tiny").model
+    cfg.lattice_first, cfg.charge_features, cfg.charge_candidates = True, True, True
+    m = CrystalGPT(cfg)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
+    with torch.no_grad():
+        m.head_a_charge.weight.mul_(40.0)
+        m.head_a_charge.bias.normal_(0.0, 3.0)
+    return m.eval()
+
+
+def test_sampled_elements_follow_the_charge_scored_head(candidates):
+    """PIT of the drawn elements under the teacher-forced element head is uniform; scored with
+    another charge table (a sampler that carried other totals) they are not."""
+    crystals = sample_crystals(candidates, 400, seed=3, symprec=None, min_distance=None)
+    u = pits(candidates, crystals)["A"]
+    assert len(u) > 400
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    other = copy.deepcopy(candidates)
+    other.charge_table[:, :3].mul_(-1.0)
+    assert stats.kstest(pits(other, crystals)["A"], "uniform").pvalue < 1e-3
+
+
+def test_charge_candidates_cache_matches_recompute_and_need_the_charge(candidates):
+    a = sample_crystals(candidates, 8, seed=2, symprec=None, min_distance=0)
+    b = sample_crystals(candidates, 8, seed=2, symprec=None, min_distance=0, use_cache=False)
+    assert all(p == q for p, q in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="charge_features"):
+        ModelConfig(charge_candidates=True).validate()

@@ -12,7 +12,6 @@ from scipy import stats
 
 from crystal_gpt import encode_dataset
 from crystal_gpt.data.batching import PaddedCrystals
-from crystal_gpt.data.cache import EncodedDataset
 from crystal_gpt.data.codec import decode
 from crystal_gpt.data.geometry import cell_volume, element_volumes, training_element_volumes
 from crystal_gpt.model.config import ModelConfig
@@ -20,6 +19,7 @@ from crystal_gpt.model.distributions import lattice_statistics
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
 from crystal_gpt.training import load_config
+from tests.test_calibration import pits
 
 
 @pytest.fixture(scope="module")
@@ -130,31 +130,16 @@ def test_causal_with_the_volume_input(filled, data):
     assert torch.allclose(ref["W_steps"][:, k], new["W_steps"][:, k], atol=1e-5)
 
 
-def _element_pits(model, crystals) -> np.ndarray:
-    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
-    batch = data.batch(np.arange(len(data)))
-    with torch.no_grad():
-        out = model(batch, distributions=True)
-    steps = torch.arange(batch["w"].shape[1] + 1)
-    is_site = steps[None, :] < batch["n"][:, None]
-    a = torch.cat([batch["a"], torch.zeros(len(batch["a"]), 1, dtype=torch.long)], 1)[is_site]
-    p = torch.softmax(out["a_logits"].double(), -1)
-    below = (p.cumsum(-1) - p).gather(-1, a[:, None])[:, 0]
-    own = p.gather(-1, a[:, None])[:, 0]
-    u = np.random.default_rng(0).random(len(a))
-    return (below + torch.as_tensor(u) * own).numpy()
-
-
 def test_sampled_elements_follow_the_volume_aware_head(filled):
     """PIT of the drawn elements under the teacher-forced element head is uniform; the same
     crystals scored with other element volumes (a sampler that saw another fill) are not."""
     crystals = sample_crystals(filled, 400, seed=3, symprec=None, min_distance=None)
-    u = _element_pits(filled, crystals)
+    u = pits(filled, crystals)["A"]
     assert len(u) > 400
     assert stats.kstest(u, "uniform").pvalue > 1e-3
     other = copy.deepcopy(filled)
     other.element_volume.mul_(1.6)
-    assert stats.kstest(_element_pits(other, crystals), "uniform").pvalue < 1e-3
+    assert stats.kstest(pits(other, crystals)["A"], "uniform").pvalue < 1e-3
 
 
 def test_sampling_with_the_volume_input_cache_matches_recompute(filled):

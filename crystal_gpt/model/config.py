@@ -49,6 +49,11 @@ class ModelConfig:
     # fraction it would leave filled; without it the model matched composition to the drawn
     # volume poorly (benchmarks/RESULTS.md, "The cell's volume and its atoms")
     volume_features: bool = False
+    # with charge_features: the element head also scores every candidate by the running charge
+    # it would leave (the same seven features), as volume_features does with the fill; without
+    # it the fill's direct path crowded out charge balance (benchmarks/RESULTS.md, "The cell's
+    # volume and its atoms")
+    charge_candidates: bool = False
     # P(g) with no condition given is the training histogram (its maximum-likelihood value) by
     # construction: conditions add a learnt offset that is zero when every one is absent.
     # Without it a conditioned model learns P(g | nothing) from the rows whose conditions were
@@ -80,6 +85,7 @@ class ModelConfig:
             "element_features",
             "charge_features",
             "volume_features",
+            "charge_candidates",
             "g_marginal_histogram",
         ):
             if not isinstance(getattr(self, name), bool):
@@ -88,6 +94,10 @@ class ModelConfig:
             raise ValueError(
                 "setting model.volume_features=true needs model.lattice_first=true (the cell's "
                 "volume must be known while the atoms are placed)"
+            )
+        if self.charge_candidates and not self.charge_features:
+            raise ValueError(
+                "setting model.charge_candidates=true needs model.charge_features=true"
             )
         conditions = self.conditions
         if not isinstance(conditions, dict) or not all(

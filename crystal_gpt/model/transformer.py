@@ -81,10 +81,15 @@ def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def _before_each(after: Tensor) -> Tensor:
+    """(B, T, ...) running sums after each site -> (B, T+1, ...) before each step (0 first)."""
+    return torch.cat([torch.zeros_like(after[:, :1]), after], 1)
+
+
 def site_volume(fill: Tensor, volume: Tensor) -> Tensor:
     """(B, T+1, 2) what each step's element head reads: the fill before the site (0 before the
     first; ``fill`` (B, T) is after each site) and the cell volume (B,)."""
-    before = torch.cat([torch.zeros_like(fill[:, :1]), fill], 1)
+    before = _before_each(fill)
     return torch.stack([before, volume.unsqueeze(1).expand_as(before)], -1)
 
 
@@ -165,6 +170,7 @@ class CrystalGPT(nn.Module):
             self.emb_charge = nn.Linear(CHARGE_FEATURES, d)
         else:
             self.emb_charge = None
+        self.head_a_charge = nn.Linear(d, CHARGE_FEATURES) if c.charge_candidates else None
         if c.volume_features:
             # volume per atom of each element (Angstrom^3), fitted to the training cells
             self.register_buffer("element_volume", torch.zeros(NUM_ELEMENTS))
@@ -448,6 +454,7 @@ class CrystalGPT(nn.Module):
         guide: tuple[Tensor, float] | None = None,
         score: bool = True,
         volume: Tensor | None = None,
+        charge: Tensor | None = None,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -459,7 +466,8 @@ class CrystalGPT(nn.Module):
         ``guide`` = (the unconditional stream's h, scale): guided element logits (sampling).
         ``score=False`` (the sampler): draw only, without the log-probabilities and with each
         coordinate head run on the rows where that coordinate is free.
-        ``volume`` (B, 2): the cell's fill before this site and its volume (``volume_features``).
+        ``volume`` (B, 2): the cell's fill before this site and its volume (``volume_features``);
+        ``charge`` (B, 5): the running charge totals before this site (``charge_candidates``).
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = self._site_context(h, g, w, lattice)
@@ -468,9 +476,10 @@ class CrystalGPT(nn.Module):
         legal = (z > 0) & (z >= floor.unsqueeze(-1))
         if allowed is not None:
             legal = legal & allowed
-        a_logits = self._element_logits(ctx, g, w, volume)
+        a_logits = self._element_logits(ctx, g, w, volume, charge)
         if guide is not None:
-            uncond = self._element_logits(self._site_context(guide[0], g, w, lattice), g, w, volume)
+            uctx = self._site_context(guide[0], g, w, lattice)
+            uncond = self._element_logits(uctx, g, w, volume, charge)
             a_logits = guided(a_logits, uncond, guide[1])
         a_logits = a_logits.masked_fill(~legal, float("-inf"))
         if a is None:
@@ -488,7 +497,12 @@ class CrystalGPT(nn.Module):
         return ctx if lattice is None else ctx + lattice
 
     def _element_logits(
-        self, ctx: Tensor, g: Tensor, w: Tensor, volume: Tensor | None = None
+        self,
+        ctx: Tensor,
+        g: Tensor,
+        w: Tensor,
+        volume: Tensor | None = None,
+        charge: Tensor | None = None,
     ) -> Tensor:
         a_logits = self.head_a(ctx)
         if self.emb_elem_feat is not None:  # similar elements get similar scores
@@ -502,6 +516,15 @@ class CrystalGPT(nn.Module):
             after = fill.unsqueeze(-1) + (mult / cell).unsqueeze(-1) * self.element_volume
             a_logits = a_logits + torch.einsum(
                 "bk,bek->be", self.head_a_volume(ctx), volume_features(after)
+            )
+        if self.head_a_charge is not None:  # ... and by the running charge it would leave
+            if charge is None:
+                raise ValueError("a model with charge_candidates needs the running charge")
+            mult = self.sym.multiplicity[g, w.clamp(max=self.sym.pad)].unsqueeze(-1)
+            per_atom = torch.cat([self.charge_table, torch.ones_like(self.charge_table[:, :1])], -1)
+            after = charge.unsqueeze(1) + mult.unsqueeze(-1) * per_atom  # (B, 119, 5)
+            a_logits = a_logits + torch.einsum(
+                "bk,bek->be", self.head_a_charge(ctx), charge_features(after)
             )
         return a_logits
 
@@ -592,7 +615,10 @@ class CrystalGPT(nn.Module):
         if self.emb_volume is not None:  # the cell's running fill, after each site
             volume = cell_volume(batch["lattice"]).float()
             fill = self.volume_fill(g, w, a, volume)
-        h = torch.cat([start, self.embed_sites(g, w, a, x, fill=fill)], dim=1)
+        charge = None
+        if self.emb_charge is not None:  # the running charge, after each site
+            charge = self.charge_totals(g, w, a)
+        h = torch.cat([start, self.embed_sites(g, w, a, x, charge, fill)], dim=1)
         h = self.backbone(h)  # (B, T+1, d): output k predicts site k+1
         # targets: sites 1..n, then the end
         steps = torch.arange(T + 1, device=g.device)
@@ -625,6 +651,7 @@ class CrystalGPT(nn.Module):
             x=x_t[is_site],
             lattice=None if lat_emb is None else lat_emb[site_of],
             volume=None if fill is None else site_volume(fill, volume)[is_site],
+            charge=None if charge is None else _before_each(charge)[is_site],
         )
         lp_a, lp_x = step.lp_a, step.lp_x
 

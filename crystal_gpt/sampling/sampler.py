@@ -951,6 +951,7 @@ def _sample_batch(
             guide=uncond and (uncond.h, guidance),
             score=False,
             volume=None if fill_sum is None else torch.stack([fill_sum[rows], cell[rows]], -1),
+            charge=None if charge_sum is None else charge_sum[rows],
         )
         a, x = step.a, step.x
         if placement is not None:
