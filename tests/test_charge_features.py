@@ -101,12 +101,17 @@ def test_the_samplers_running_totals_are_the_sequences(charged, data):
 def test_causal_with_the_charge_input(charged, data):
     """Changing site k's element moves the running charge of sites >= k only: earlier terms
     and site k's own letter stay, later ones change."""
+    assert_element_change_is_causal(charged, data, (8, 11))  # O <-> Na
+
+
+def assert_element_change_is_causal(model, data, pair: tuple[int, int], k: int = 2) -> None:
+    """Swapping site k's element between ``pair`` (a running sum over sites changes from k on)
+    leaves the terms before k and site k's letter alone and moves every later step."""
     batch = data.batch(np.nonzero(data.n >= 4)[0][:8])
-    ref = charged(batch, per_step=True)
-    k = 2
+    ref = model(batch, per_step=True)
     changed = {key: v.clone() for key, v in batch.items()}
-    changed["a"][:, k] = torch.where(changed["a"][:, k] == 8, 11, 8)  # O <-> Na
-    new = charged(changed, per_step=True)
+    changed["a"][:, k] = torch.where(changed["a"][:, k] == pair[0], pair[1], pair[0])
+    new = model(changed, per_step=True)
     for key in ("W_steps", "A_steps", "X_steps"):
         assert torch.allclose(ref[key][:, :k], new[key][:, :k], atol=1e-5), key
         assert not torch.allclose(ref[key][:, k + 1 :], new[key][:, k + 1 :]), key

@@ -20,6 +20,7 @@ from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
 from crystal_gpt.training import load_config
 from tests.test_calibration import pits
+from tests.test_charge_features import assert_element_change_is_causal
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +119,7 @@ def test_the_samplers_running_fill_is_the_sequences(filled, data):
 def test_causal_with_the_volume_input(filled, data):
     """Changing site k's element moves the fill of sites >= k only: earlier terms and site k's
     own letter stay, later ones change."""
-    batch = data.batch(np.nonzero(data.n >= 4)[0][:8])
-    ref = filled(batch, per_step=True)
-    k = 2
-    changed = {key: v.clone() for key, v in batch.items()}
-    changed["a"][:, k] = torch.where(changed["a"][:, k] == 55, 3, 55)  # Cs <-> Li
-    new = filled(changed, per_step=True)
-    for key in ("W_steps", "A_steps", "X_steps"):
-        assert torch.allclose(ref[key][:, :k], new[key][:, :k], atol=1e-5), key
-        assert not torch.allclose(ref[key][:, k + 1 :], new[key][:, k + 1 :]), key
-    assert torch.allclose(ref["W_steps"][:, k], new["W_steps"][:, k], atol=1e-5)
+    assert_element_change_is_causal(filled, data, (55, 3))  # Cs <-> Li
 
 
 def test_sampled_elements_follow_the_volume_aware_head(filled):

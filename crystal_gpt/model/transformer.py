@@ -508,19 +508,19 @@ class CrystalGPT(nn.Module):
         if self.emb_elem_feat is not None:  # similar elements get similar scores
             chem = self.emb_elem_feat(self.element_table)  # (119, d)
             a_logits = a_logits + self.head_a_feat(ctx) @ chem.T / chem.shape[1] ** 0.5
+        # atoms a candidate element adds: the multiplicity of the site's letter
+        mult = self.sym.multiplicity[g, w.clamp(max=self.sym.pad)].unsqueeze(-1)
         if self.emb_volume is not None:  # each candidate scored by the fill it would leave
             if volume is None:
                 raise ValueError("a model with volume_features needs the cell's fill and volume")
             fill, cell = volume.unbind(-1)
-            mult = self.sym.multiplicity[g, w.clamp(max=self.sym.pad)]
-            after = fill.unsqueeze(-1) + (mult / cell).unsqueeze(-1) * self.element_volume
+            after = fill.unsqueeze(-1) + mult / cell.unsqueeze(-1) * self.element_volume
             a_logits = a_logits + torch.einsum(
                 "bk,bek->be", self.head_a_volume(ctx), volume_features(after)
             )
         if self.head_a_charge is not None:  # ... and by the running charge it would leave
             if charge is None:
                 raise ValueError("a model with charge_candidates needs the running charge")
-            mult = self.sym.multiplicity[g, w.clamp(max=self.sym.pad)].unsqueeze(-1)
             per_atom = torch.cat([self.charge_table, torch.ones_like(self.charge_table[:, :1])], -1)
             after = charge.unsqueeze(1) + mult.unsqueeze(-1) * per_atom  # (B, 119, 5)
             a_logits = a_logits + torch.einsum(
