@@ -1,6 +1,7 @@
 """Calibration of the evaluation suite: the CDVAE rules on hand-made and real crystals, a split
 evaluated against itself, uniqueness/novelty, the report and the CLI (small subsets: fast)."""
 
+import csv
 import itertools
 import json
 import math
@@ -254,6 +255,16 @@ def test_cli_evaluate_writes_report(sample_folder, tmp_path):
     for name in ("density.png", "num_elements.png", "lattice.png", "spacegroups.png"):
         assert (out / name).stat().st_size > 1000
     assert (out / "report.html").exists() and (out / "crystals.csv").exists()
+    # per crystal, the distances behind COV-P: its covered rows are the COV-P share
+    with open(out / "crystals.csv") as f:
+        rows = list(csv.DictReader(f))
+    covered = [r["covered"] == "True" for r in rows]
+    assert 100 * sum(covered) / 8 == pytest.approx(m["coverage"]["cov_precision"], abs=0.01)
+    for r, c in zip(rows, covered, strict=True):
+        if r["nearest_struct"] == "":
+            assert not c and r["fingerprint"] == "False"
+        else:
+            assert c == (float(r["nearest_struct"]) <= 0.4 and float(r["nearest_comp"]) <= 10)
     assert main(["evaluate", str(tmp_path / "nope"), "--quiet"]) == 2
 
 
@@ -354,6 +365,10 @@ def test_an_unreadable_cif_counts_as_an_invalid_crystal(tmp_path, mp20_test_subs
     assert ev.metrics["unreadable"] == 1 and ev.metrics["crystals"] == 3
     assert v["struct_valid"] == 75.0 and v["struct_valid_readable_only"] == 100.0
     assert "4 generated crystals" in " ".join(ev.metrics["departures"])
+    # test crystals scored against their own split: each one's nearest reference is itself
+    assert ev.nearest_struct == pytest.approx([0.0] * 3, abs=1e-9)
+    assert ev.nearest_comp == pytest.approx([0.0] * 3, abs=1e-9)
+    assert all(r["covered"] for r in ev.crystal_table())
 
 
 def test_evaluate_checks_out_before_any_work_and_clears_an_old_report(

@@ -222,6 +222,19 @@ def _min_distances(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> tuple[np.
     return to_b, to_a
 
 
+def nearest_distances(
+    gen_struct: np.ndarray, gen_comp: np.ndarray, ref_struct: np.ndarray, ref_comp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Structure and composition distances of each generated crystal to its nearest reference,
+    then of each reference to its nearest generated one (each minimum taken in its own
+    fingerprint, as COV does). Per crystal, they say which samples COV-P counts as far from
+    all data. ``*_comp`` are raw magpie vectors (scaled here)."""
+    gc, rc = scale_comp_fingerprints(gen_comp), scale_comp_fingerprints(ref_comp)
+    s_prec, s_rec = _min_distances(np.asarray(gen_struct, float), np.asarray(ref_struct, float))
+    c_prec, c_rec = _min_distances(gc, rc)
+    return s_prec, c_prec, s_rec, c_rec
+
+
 def coverage(
     gen_struct: np.ndarray,
     gen_comp: np.ndarray,
@@ -252,12 +265,23 @@ def coverage(
             amcd_recall=nan,
             amcd_precision=nan,
         )
-    gc, rc = scale_comp_fingerprints(gen_comp), scale_comp_fingerprints(ref_comp)
-    s_prec, s_rec = _min_distances(np.asarray(gen_struct, float), np.asarray(ref_struct, float))
-    c_prec, c_rec = _min_distances(gc, rc)
+    nearest = nearest_distances(gen_struct, gen_comp, ref_struct, ref_comp)
+    return coverage_from_distances(nearest, struct_cutoff, comp_cutoff, n_gen)
+
+
+def coverage_from_distances(
+    nearest: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    struct_cutoff: float,
+    comp_cutoff: float,
+    num_generated: int,
+) -> dict[str, float]:
+    """:func:`coverage` from :func:`nearest_distances` (non-empty on both sides)."""
+    s_prec, c_prec, s_rec, c_rec = nearest
     return dict(
         cov_recall=float(np.mean((s_rec <= struct_cutoff) & (c_rec <= comp_cutoff))),
-        cov_precision=float(np.sum((s_prec <= struct_cutoff) & (c_prec <= comp_cutoff)) / n_gen),
+        cov_precision=float(
+            np.sum((s_prec <= struct_cutoff) & (c_prec <= comp_cutoff)) / num_generated
+        ),
         amsd_recall=float(s_rec.mean()),
         amsd_precision=float(s_prec.mean()),
         amcd_recall=float(c_rec.mean()),

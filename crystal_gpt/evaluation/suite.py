@@ -32,8 +32,10 @@ from crystal_gpt.evaluation.metrics import (
     DEFAULT_OXIDATION_TABLE,
     OXIDATION_TABLES,
     coverage,
+    coverage_from_distances,
     default_matcher,
     formula_validity,
+    nearest_distances,
     novel_mask,
     property_subset,
     symmetry_statistics,
@@ -81,6 +83,10 @@ class Evaluation:
     property_index: np.ndarray
     structures: list[Structure] = field(repr=False, default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    # per crystal: fingerprint distances to the nearest reference crystal (nan: no fingerprint)
+    nearest_struct: np.ndarray | None = None
+    nearest_comp: np.ndarray | None = None
+    cutoffs: tuple[float, float] | None = None
 
     def write_report(
         self, out_dir: str | os.PathLike, stability: dict | None = None, html: bool = True
@@ -96,6 +102,12 @@ class Evaluation:
         s = self.samples
         in_prop = np.zeros(len(s), dtype=bool)
         in_prop[self.property_index] = True
+        near_s = np.full(len(s), np.nan) if self.nearest_struct is None else self.nearest_struct
+        near_c = np.full(len(s), np.nan) if self.nearest_comp is None else self.nearest_comp
+        covered = np.zeros(len(s), dtype=bool)
+        if self.cutoffs is not None:  # what COV-P counts: close in structure and composition
+            with np.errstate(invalid="ignore"):
+                covered = (near_s <= self.cutoffs[0]) & (near_c <= self.cutoffs[1])
         rows = []
         for i in range(len(s)):
             rows.append(
@@ -109,6 +121,9 @@ class Evaluation:
                     struct_valid=bool(s.struct_valid[i]),
                     comp_valid=bool(s.comp_valid[i]),
                     fingerprint=bool(s.fp_ok[i]),
+                    nearest_struct="" if np.isnan(near_s[i]) else round(float(near_s[i]), 4),
+                    nearest_comp="" if np.isnan(near_c[i]) else round(float(near_c[i]), 4),
+                    covered=bool(covered[i]),
                     unique="" if self.unique is None else bool(self.unique[i]),
                     novel="" if self.novel is None else bool(self.novel[i]),
                     in_property_set=bool(in_prop[i]),
@@ -256,15 +271,19 @@ def evaluate(
         validity["struct_valid_readable_only"] = _pct(gen.struct_valid.mean())
         validity["comp_valid_readable_only"] = _pct(gen.comp_valid.mean())
     ok = np.nonzero(gen.fp_ok)[0]
-    cov = coverage(
-        gen.struct_fp[ok],
-        gen.comp_fp[ok],
-        ref_ok.struct_fp,
-        ref_ok.comp_fp,
-        cutoffs[0],
-        cutoffs[1],
-        num_generated=total,
-    )
+    # per crystal: how far its fingerprints are from the nearest reference (nan: none computed)
+    nearest_struct = np.full(n, np.nan)
+    nearest_comp = np.full(n, np.nan)
+    if len(ok):
+        nearest = nearest_distances(
+            gen.struct_fp[ok], gen.comp_fp[ok], ref_ok.struct_fp, ref_ok.comp_fp
+        )
+        nearest_struct[ok], nearest_comp[ok] = nearest[0], nearest[1]
+        cov = coverage_from_distances(nearest, cutoffs[0], cutoffs[1], total)
+    else:
+        cov = coverage(
+            gen.struct_fp[ok], gen.comp_fp[ok], ref_ok.struct_fp, ref_ok.comp_fp, *cutoffs, total
+        )
     cov_pct = dict(
         cov_recall=_pct(cov["cov_recall"]),
         cov_precision=_pct(cov["cov_precision"]),
@@ -349,4 +368,16 @@ def evaluate(
         protocol=dict(PROTOCOL_TEXT, comp=COMP_PROTOCOL[oxidation_table]),
         timings_s={k: round(v, 2) for k, v in timings.items()},
     )
-    return Evaluation(metrics, gen, ref, unique, novel, prop_idx, structures, errors)
+    return Evaluation(
+        metrics,
+        gen,
+        ref,
+        unique,
+        novel,
+        prop_idx,
+        structures,
+        errors,
+        nearest_struct=nearest_struct,
+        nearest_comp=nearest_comp,
+        cutoffs=(float(cutoffs[0]), float(cutoffs[1])),
+    )
