@@ -55,3 +55,66 @@ def oxidation_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         real[z, : len(s)] = True
     metal = np.array([False] + [Element.from_Z(z).symbol in smact.metals for z in range(1, 119)])
     return table, real, metal
+
+
+def is_balanced(counts: dict[int, int]) -> bool:
+    """SMACT's neutrality test on atom counts by atomic number (``oxidation_table``): one
+    element, or only metals, or one oxidation state per element with zero total charge. The
+    Pauling electronegativity test is not part of it."""
+    return bool(balanced_candidates(tuple(sorted(counts.items())), 0)[0])
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def balanced_candidates(composition: tuple[tuple[int, int], ...], m: int) -> np.ndarray:
+    """(119,) bool: whether ``composition`` ((Z, atoms) pairs, Z ascending) with ``m`` atoms of
+    element z added would pass :func:`is_balanced`; entry 0 (no element added) says whether it
+    passes as it is. Cached: a model scores every candidate of every site with it.
+
+    The achievable total charges are kept as a Python integer used as a bit set (bit c + off for
+    charge c), so a Minkowski sum with an element's charges is a few shifts and ors."""
+    table, real, metal = oxidation_table()
+    out = np.zeros(119, dtype=bool)
+    present = [z for z, n in composition if n > 0]
+    counts = {z: n for z, n in composition if n > 0}
+    atoms = sum(counts.values()) + m
+    top = int(np.abs(table).max())
+    off = top * atoms
+    states = {z: table[z][real[z]].tolist() for z in counts}
+
+    def add(bits: int, n: int, ox: list[int]) -> int:
+        out_bits = 0
+        for s in ox:
+            shift = n * s
+            out_bits |= bits << shift if shift >= 0 else bits >> -shift
+        return out_bits
+
+    def reach(skip: int) -> int:  # charges of all present elements but ``skip``
+        bits = 1 << off
+        for z in present:
+            if z != skip:
+                bits = add(bits, counts[z], states[z])
+        return bits
+
+    all_metal = bool(present) and all(metal[z] for z in present)
+    full = reach(0)
+    # as it is (entry 0): empty is not a crystal; one element or metals only are exempt
+    out[0] = bool(present) and (len(present) == 1 or all_metal or bool(full >> off & 1))
+    if m <= 0:
+        return out
+    if not present:  # the first element alone is balanced
+        out[1:] = True
+        return out
+    # a new element z with state s balances iff the others can reach -m s
+    flags = np.array([bool(full >> (off - m * s) & 1) for s in range(-top, top + 1)])
+    out[1:] = (flags[table + top] & real).any(1)[1:]
+    if all_metal:
+        out |= metal
+    # an element already present keeps one state for its old and new atoms
+    for z in present:
+        if len(present) == 1 or all_metal:
+            out[z] = True
+            continue
+        rest = reach(z)
+        out[z] = any(rest >> (off - (counts[z] + m) * s) & 1 for s in states[z])
+    out[0] = False
+    return out

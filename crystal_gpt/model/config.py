@@ -54,6 +54,12 @@ class ModelConfig:
     # it the fill's direct path crowded out charge balance (benchmarks/RESULTS.md, "The cell's
     # volume and its atoms")
     charge_candidates: bool = False
+    # each site token also says whether the composition so far passes SMACT's neutrality test
+    # (one oxidation state per element summing to zero, or one element, or metals only;
+    # ``data.chemistry.balanced_candidates``), and the element head scores every candidate by
+    # whether it would pass after it: the end of the sequence and the last elements can follow
+    # an exact test that summed charges only approximate
+    balance_features: bool = False
     # P(g) with no condition given is the training histogram (its maximum-likelihood value) by
     # construction: conditions add a learnt offset that is zero when every one is absent.
     # Without it a conditioned model learns P(g | nothing) from the rows whose conditions were
@@ -86,6 +92,7 @@ class ModelConfig:
             "charge_features",
             "volume_features",
             "charge_candidates",
+            "balance_features",
             "g_marginal_histogram",
         ):
             if not isinstance(getattr(self, name), bool):

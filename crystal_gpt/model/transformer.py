@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crystal_gpt.data.chemistry import balanced_candidates
 from crystal_gpt.data.geometry import cell_volume
 from crystal_gpt.data.symmetry import (
     lowest_next_element,
@@ -178,6 +179,11 @@ class CrystalGPT(nn.Module):
             self.head_a_volume = nn.Linear(d, VOLUME_FEATURES)
         else:
             self.emb_volume = None
+        if c.balance_features:  # whether the composition so far is charge-balanced
+            self.emb_balance = nn.Embedding(2, d)
+            self.head_a_balance = nn.Linear(d, 1)
+        else:
+            self.emb_balance = self.head_a_balance = None
         # P(L | context): drawn last, its lengths are per atom (N^(1/3)); drawn first, as they are
         self.lattice = LatticeFlow(d, c.flow_transforms, c.flow_hidden, not c.lattice_first)
         # what the training data covered (set by training): the sampler stays inside it unless
@@ -305,12 +311,15 @@ class CrystalGPT(nn.Module):
         x: Tensor,
         charge: Tensor | None = None,
         fill: Tensor | None = None,
+        balanced: Tensor | None = None,
     ) -> Tensor:
         """Embedding of sites (B, n) -> (B, n, d). ``charge``: the running charge totals
         after each site (``charge_totals``); by default summed from these sites alone, which is
         right for a whole sequence (training) but not for a continuation (the sampler).
         ``fill`` (B, n): the fraction of the cell filled after each site (``volume_fill``),
-        needed by models with ``volume_features``."""
+        needed by models with ``volume_features``. ``balanced`` (B, n) bool: whether the
+        composition is balanced after each site (``balance_inputs``); by default from these
+        sites alone, like ``charge``."""
         gb = g.unsqueeze(-1).expand_as(w)
         feats = self.sym.site_features(gb, w)
         emb = (
@@ -328,7 +337,41 @@ class CrystalGPT(nn.Module):
             if fill is None:
                 raise ValueError("a model with volume_features needs the cell's running fill")
             emb = emb + self.emb_volume(volume_features(fill))
+        if self.emb_balance is not None:
+            if balanced is None:
+                balanced = self.balance_inputs(g, w, a)[1]
+            emb = emb + self.emb_balance(balanced.long())
         return emb
+
+    def balance_candidates(self, g: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+        """(R, 119) bool: whether each element on a site of letter w (R,) would leave the atoms
+        ``counts`` (R, 119, conventional cell, before the site) charge-balanced
+        (``data.chemistry.balanced_candidates``, cached by composition)."""
+        mult = self.sym.multiplicity[g, w.clamp(max=self.sym.pad)].long().tolist()
+        c = counts.long().cpu().numpy()
+        rows, cols = np.nonzero(c)
+        starts = np.searchsorted(rows, np.arange(len(c) + 1))
+        out = np.zeros((len(c), NUM_ELEMENTS), dtype=bool)
+        for i in range(len(c)):
+            zs = cols[starts[i] : starts[i + 1]]
+            key = tuple(zip(zs.tolist(), c[i, zs].tolist(), strict=True))
+            out[i] = balanced_candidates(key, mult[i])
+        return torch.as_tensor(out, device=counts.device)
+
+    def balance_inputs(self, g: Tensor, w: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Of a whole site sequence (B, T), padding being element 0: the candidates' balance
+        at each real site (S, 119), real sites in (crystal, site) order, and whether the
+        composition is balanced after each site (B, T) (False on padding)."""
+        real = a > 0
+        mult = self._multiplicities(g, w, real).long()
+        atoms = torch.zeros(*a.shape, NUM_ELEMENTS, dtype=torch.long, device=a.device)
+        atoms.scatter_(2, a.unsqueeze(-1), mult.unsqueeze(-1))
+        before = atoms.cumsum(1) - atoms
+        gb = g.unsqueeze(-1).expand_as(w)
+        cand = self.balance_candidates(gb[real], w[real], before[real])
+        balanced = torch.zeros_like(real)
+        balanced[real] = cand.gather(1, a[real].unsqueeze(1)).squeeze(1)
+        return cand, balanced
 
     def volume_fill(
         self, g: Tensor, w: Tensor, a: Tensor, volume: Tensor, before: Tensor | None = None
@@ -455,6 +498,7 @@ class CrystalGPT(nn.Module):
         score: bool = True,
         volume: Tensor | None = None,
         charge: Tensor | None = None,
+        balance: Tensor | None = None,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -468,6 +512,8 @@ class CrystalGPT(nn.Module):
         coordinate head run on the rows where that coordinate is free.
         ``volume`` (B, 2): the cell's fill before this site and its volume (``volume_features``);
         ``charge`` (B, 5): the running charge totals before this site (``charge_candidates``).
+        ``balance`` (B, 119) bool: which elements would leave the composition balanced
+        (``balance_candidates``; ``balance_features``).
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = self._site_context(h, g, w, lattice)
@@ -476,10 +522,10 @@ class CrystalGPT(nn.Module):
         legal = (z > 0) & (z >= floor.unsqueeze(-1))
         if allowed is not None:
             legal = legal & allowed
-        a_logits = self._element_logits(ctx, g, w, volume, charge)
+        a_logits = self._element_logits(ctx, g, w, volume, charge, balance)
         if guide is not None:
             uctx = self._site_context(guide[0], g, w, lattice)
-            uncond = self._element_logits(uctx, g, w, volume, charge)
+            uncond = self._element_logits(uctx, g, w, volume, charge, balance)
             a_logits = guided(a_logits, uncond, guide[1])
         a_logits = a_logits.masked_fill(~legal, float("-inf"))
         if a is None:
@@ -503,6 +549,7 @@ class CrystalGPT(nn.Module):
         w: Tensor,
         volume: Tensor | None = None,
         charge: Tensor | None = None,
+        balance: Tensor | None = None,
     ) -> Tensor:
         a_logits = self.head_a(ctx)
         if self.emb_elem_feat is not None:  # similar elements get similar scores
@@ -526,6 +573,10 @@ class CrystalGPT(nn.Module):
             a_logits = a_logits + torch.einsum(
                 "bk,bek->be", self.head_a_charge(ctx), charge_features(after)
             )
+        if self.head_a_balance is not None:  # ... and by whether it would leave it balanced
+            if balance is None:
+                raise ValueError("a model with balance_features needs the candidates' balance")
+            a_logits = a_logits + self.head_a_balance(ctx) * balance.float()
         return a_logits
 
     def coordinates(
@@ -618,7 +669,10 @@ class CrystalGPT(nn.Module):
         charge = None
         if self.emb_charge is not None:  # the running charge, after each site
             charge = self.charge_totals(g, w, a)
-        h = torch.cat([start, self.embed_sites(g, w, a, x, charge, fill)], dim=1)
+        balance = balanced = None
+        if self.emb_balance is not None:  # charge balance of the candidates and after each site
+            balance, balanced = self.balance_inputs(g, w, a)
+        h = torch.cat([start, self.embed_sites(g, w, a, x, charge, fill, balanced)], dim=1)
         h = self.backbone(h)  # (B, T+1, d): output k predicts site k+1
         # targets: sites 1..n, then the end
         steps = torch.arange(T + 1, device=g.device)
@@ -652,6 +706,7 @@ class CrystalGPT(nn.Module):
             lattice=None if lat_emb is None else lat_emb[site_of],
             volume=None if fill is None else site_volume(fill, volume)[is_site],
             charge=None if charge is None else _before_each(charge)[is_site],
+            balance=balance,
         )
         lp_a, lp_x = step.lp_a, step.lp_x
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crystal_gpt.data.chemistry import oxidation_table
+from crystal_gpt.data.chemistry import is_balanced, oxidation_table
 from crystal_gpt.data.symmetry import get_tables, lattice_points
 
 
@@ -103,10 +103,7 @@ class ChargeBalance:
         return inside & reach[np.clip(idx, 0, len(reach) - 1)]
 
     def can_end(self) -> list[bool]:
-        out = []
-        for c in self.counts:
-            out.append(bool(c) and (self._exempt(c) or bool((self._charges(c) == 0).any())))
-        return out
+        return [is_balanced(c) for c in self.counts]
 
     def letters(self, w_legal: Tensor) -> Tensor:
         """(n, L+1) letters from which a balanced completion remains possible; the end only

@@ -881,6 +881,10 @@ def _sample_batch(
     if model.emb_volume is not None:
         cell = cell_volume(lattice).float()
         fill_sum = torch.zeros(B, device=device)
+    # atoms of each element so far (models with ``balance_features``)
+    atoms = None
+    if model.emb_balance is not None:
+        atoms = torch.zeros(B, NUM_ELEMENTS, dtype=torch.long, device=device)
     steps = 0
     for k in range(max_sites + 1):
         n = len(rows)
@@ -938,6 +942,7 @@ def _sample_batch(
             allowed = _narrowed(
                 allowed, count.elements(present[rows], k), w, prev_w, prev_a, first, dead, rows
             )
+        balance = None if atoms is None else model.balance_candidates(g, w, atoms[rows])
         step = model.site_content(
             h,
             g,
@@ -952,6 +957,7 @@ def _sample_batch(
             score=False,
             volume=None if fill_sum is None else torch.stack([fill_sum[rows], cell[rows]], -1),
             charge=None if charge_sum is None else charge_sum[rows],
+            balance=balance,
         )
         a, x = step.a, step.x
         if placement is not None:
@@ -976,7 +982,13 @@ def _sample_batch(
                 g, w.unsqueeze(1), a.unsqueeze(1), cell[rows], before=fill_sum[rows]
             )
             fill_sum[rows] = fills[:, 0]
-        emb = model.embed_sites(g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1), totals, fills)
+        balanced = None
+        if atoms is not None:
+            balanced = balance.gather(1, a.unsqueeze(1))
+            atoms[rows, a] += sym.multiplicity[g, w].long()
+        emb = model.embed_sites(
+            g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1), totals, fills, balanced
+        )
         if use_cache:
             h = model.backbone(emb, caches, offset=k + 1)[:, -1]
         else:  # the reference: re-run the whole prefix for every new token
