@@ -64,7 +64,7 @@ def is_balanced(counts: dict[int, int]) -> bool:
     return bool(balanced_candidates(tuple(sorted(counts.items())), 0)[0])
 
 
-@functools.lru_cache(maxsize=1 << 18)
+@functools.lru_cache(maxsize=1 << 16)
 def balanced_candidates(composition: tuple[tuple[int, int], ...], m: int) -> np.ndarray:
     """(119,) bool: whether ``composition`` ((Z, atoms) pairs, Z ascending) with ``m`` atoms of
     element z added would pass :func:`is_balanced`; entry 0 (no element added) says whether it
