@@ -32,3 +32,27 @@ def model() -> CrystalGPT:
     data = PaddedCrystals(encode_dataset("carbon_24", "holdout", workers=1, progress=False))
     m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    """The first 1,000 mp_20 training crystals, encoded."""
+    return encode_dataset("mp_20", "train_first1000", workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(encoded) -> PaddedCrystals:
+    return PaddedCrystals(encoded)
+
+
+def tiny_lattice_first(data: PaddedCrystals, seed: int, **options: bool) -> CrystalGPT:
+    """An untrained tiny lattice-first model with these ``model.*`` options, its lattice flow
+    scaled to ``data`` (in eval mode: callers sharpen heads under no_grad as they need)."""
+    torch.manual_seed(seed)
+    cfg = load_config("tiny").model
+    cfg.lattice_first = True
+    for name, value in options.items():
+        setattr(cfg, name, value)
+    m = CrystalGPT(cfg)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
+    return m.eval()

@@ -11,16 +11,13 @@ import torch
 from pymatgen.core import Element
 from scipy import stats
 
-from crystal_gpt import encode_dataset
-from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.chemistry import balanced_candidates, is_balanced, oxidation_table
 from crystal_gpt.data.codec import decode
 from crystal_gpt.model.config import ModelConfig
-from crystal_gpt.model.distributions import lattice_statistics
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.charge import ChargeBalance
 from crystal_gpt.sampling.sampler import sample_crystals
-from crystal_gpt.training import load_config
+from tests.conftest import tiny_lattice_first
 from tests.test_calibration import pits
 from tests.test_charge_features import assert_element_change_is_causal
 
@@ -73,28 +70,14 @@ def test_known_compositions():
 
 
 @pytest.fixture(scope="module")
-def encoded():
-    return encode_dataset("mp_20", "train_first1000", workers=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def data(encoded) -> PaddedCrystals:
-    return PaddedCrystals(encoded)
-
-
-@pytest.fixture(scope="module")
 def balanced_model(data) -> CrystalGPT:
     """An untrained tiny lattice-first model with the balance input, its element head made
     to lean on it (sharpened)."""
-    torch.manual_seed(4)
-    cfg = load_config("tiny").model
-    cfg.lattice_first, cfg.balance_features = True, True
-    m = CrystalGPT(cfg)
-    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
+    m = tiny_lattice_first(data, 4, balance_features=True)
     with torch.no_grad():
         m.head_a_balance.weight.mul_(30.0)
         m.head_a_balance.bias.fill_(2.0)
-    return m.eval()
+    return m
 
 
 def test_balanced_after_the_last_site_is_the_decoded_crystals(balanced_model, data, encoded):

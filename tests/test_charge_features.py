@@ -11,37 +11,19 @@ import torch
 from pymatgen.core import Element
 from scipy import stats
 
-from crystal_gpt import encode_dataset
-from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.codec import decode
 from crystal_gpt.model.config import ModelConfig
-from crystal_gpt.model.distributions import lattice_statistics
 from crystal_gpt.model.layers import charge_features, charge_table
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
-from crystal_gpt.training import load_config
+from tests.conftest import tiny_lattice_first
 from tests.test_calibration import pits
-
-
-@pytest.fixture(scope="module")
-def encoded():
-    return encode_dataset("mp_20", "train_first1000", workers=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def data(encoded) -> PaddedCrystals:
-    return PaddedCrystals(encoded)
 
 
 @pytest.fixture(scope="module")
 def charged(data) -> CrystalGPT:
     """An untrained tiny lattice-first model with the running-charge input."""
-    torch.manual_seed(0)
-    cfg = load_config("tiny").model
-    cfg.lattice_first, cfg.charge_features = True, True
-    m = CrystalGPT(cfg)
-    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
-    return m.eval()
+    return tiny_lattice_first(data, 0, charge_features=True)
 
 
 def test_the_table_holds_the_usual_ions():
@@ -136,15 +118,11 @@ def test_a_checkpoint_keeps_the_table(charged):
 @pytest.fixture(scope="module")
 def candidates(data) -> CrystalGPT:
     """Like ``charged`` with the per-candidate charge scores, made to matter (sharpened)."""
-    torch.manual_seed(1)
-    cfg = load_config("tiny").model
-    cfg.lattice_first, cfg.charge_features, cfg.charge_candidates = True, True, True
-    m = CrystalGPT(cfg)
-    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
+    m = tiny_lattice_first(data, 1, charge_features=True, charge_candidates=True)
     with torch.no_grad():
         m.head_a_charge.weight.mul_(40.0)
         m.head_a_charge.bias.normal_(0.0, 3.0)
-    return m.eval()
+    return m
 
 
 def test_sampled_elements_follow_the_charge_scored_head(candidates):

@@ -24,12 +24,6 @@ TINY = load_config("tiny").model
 
 
 @pytest.fixture(scope="module")
-def data() -> PaddedCrystals:
-    ds = encode_dataset("mp_20", "train_first1000", workers=2, progress=False)
-    return PaddedCrystals(ds)
-
-
-@pytest.fixture(scope="module")
 def model(data) -> CrystalGPT:
     torch.manual_seed(0)
     m = CrystalGPT(TINY)

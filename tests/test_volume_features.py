@@ -10,27 +10,14 @@ import torch
 from pymatgen.core import Element
 from scipy import stats
 
-from crystal_gpt import encode_dataset
-from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.codec import decode
 from crystal_gpt.data.geometry import cell_volume, element_volumes, training_element_volumes
 from crystal_gpt.model.config import ModelConfig
-from crystal_gpt.model.distributions import lattice_statistics
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
-from crystal_gpt.training import load_config
+from tests.conftest import tiny_lattice_first
 from tests.test_calibration import pits
 from tests.test_charge_features import assert_element_change_is_causal
-
-
-@pytest.fixture(scope="module")
-def encoded():
-    return encode_dataset("mp_20", "train_first1000", workers=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def data(encoded) -> PaddedCrystals:
-    return PaddedCrystals(encoded)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +29,12 @@ def volumes(data) -> np.ndarray:
 def filled(data, volumes) -> CrystalGPT:
     """An untrained tiny lattice-first model with the volume input, its element head made to
     depend strongly on the fill (so a sampler that passed the wrong fill would show)."""
-    torch.manual_seed(0)
-    cfg = load_config("tiny").model
-    cfg.lattice_first, cfg.volume_features = True, True
-    m = CrystalGPT(cfg)
-    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
+    m = tiny_lattice_first(data, 0, volume_features=True)
     m.element_volume.copy_(torch.as_tensor(volumes))
     with torch.no_grad():
         m.head_a_volume.weight.mul_(40.0)
         m.head_a_volume.bias.normal_(0.0, 3.0)
-    return m.eval()
+    return m
 
 
 def test_volumes_are_recovered_from_additive_cells():
