@@ -116,6 +116,18 @@ def test_evaluate_conditioning_with_a_predictor_and_with_chgnet(predictor_run, t
     for name in ("conditioning.md", "conditioning.json", "target_vs_achieved.png"):
         assert (tmp_path / "c" / name).exists()
     assert "closer" in (tmp_path / "c" / "conditioning.md").read_text()
+    # the mean over valid crystals (structure + SMACT) is the per-crystal rows' mean
+    for r in res.rows:
+        mine = [
+            c["achieved"] for c in res.per_crystal
+            if c["target"] == ("" if r["target"] is None else r["target"])
+            and c["guidance"] == r["guidance"] and c["smact_valid"] and c["achieved"] != ""
+        ]  # fmt: skip
+        assert r["measured_valid"] == len(mine)
+        if mine:
+            assert r["mean_valid"] == pytest.approx(np.mean(mine), abs=1e-3)
+        else:
+            assert np.isnan(r["mean_valid"])
     steered = evaluate_conditioning(
         m, "atoms", [6.0], 4, predictor=p, steer_with=p, oversample=2, baseline=False,
         training_dataset=None, progress=False, symprec=None,
