@@ -321,3 +321,52 @@ def test_pressure_stability_relaxes_the_hull_in_the_samples_systems(tmp_path) ->
     assert "in 1 chemical systems" in row["hull"] and "relaxed, steps<=100" in row["hull"]
     hull = ReferenceHull.load(path=tmp_path / "hull_0GPa.json")
     assert hull.meta["systems"] == ["Mg-Y"] and not hull.covers({"Mg", "O"})
+
+
+def test_relax_and_rank_orders_by_e_hull_and_writes_relaxed_cifs(hull, tmp_path) -> None:
+    """``crystal-gpt relax``: every crystal gets a row, ranked by E_hull (no reference last),
+    relaxed CIFs that read back as the relaxed cells, and the CLI gives the same ranking."""
+    import csv
+
+    from crystal_gpt.cli import main as cli_main
+    from crystal_gpt.evaluation.stability.ranking import COLUMNS, relax_and_rank, write_ranked
+
+    crystals = [
+        Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]]),  # no copper reference: last
+        expanded(l12_alni3(), 1.06),
+        expanded(b2_alni(), 1.04),
+    ]
+    names = ["cu.cif", "alni3.cif", "alni.cif"]
+    rows, relaxed = relax_and_rank(crystals, names, hull, steps=40, progress=False)
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert {r["name"] for r in rows[:2]} == {"alni.cif", "alni3.cif"}
+    assert rows[0]["e_above_hull"] <= rows[1]["e_above_hull"]
+    assert rows[2]["name"] == "cu.cif" and rows[2]["e_above_hull"] == ""
+    assert rows[2]["stable"] == 0 and rows[2]["formation_energy_per_atom"] == ""
+    for r in rows[:2]:  # both relax back onto the hull, shrinking, keeping their group
+        assert abs(r["e_above_hull"]) < 0.02 and r["stable"] == 1
+        assert r["volume_change"] < 0
+        assert r["spacegroup_before"] == r["spacegroup_after"] == 221
+    b2 = next(r for r in rows if r["name"] == "alni.cif")
+    assert b2["formation_energy_per_atom"] < -0.3  # B2 AlNi forms strongly
+    csv_path = write_ranked(rows, relaxed, tmp_path / "r")
+    with open(csv_path) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(COLUMNS) and len(table) == 3
+    back = Structure.from_file(tmp_path / "r" / table[0]["cif"])
+    assert back.volume == pytest.approx(relaxed[0].volume, rel=1e-4)
+    # the command: a folder of CIFs in, the same ranking out (the hull given as a file)
+    src = tmp_path / "in"
+    src.mkdir()
+    for s, name in zip(crystals, names, strict=True):
+        s.to(filename=str(src / name))
+    hull_file = hull.save(tmp_path / "hull.json")
+    out = tmp_path / "cli"
+    args = ["relax", str(src), "--hull", str(hull_file), "--steps", "40", "--workers", "1"]
+    assert cli_main([*args, "--out", str(out), "--quiet"]) == 0
+    with open(out / "relaxed.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {r["name"] for r in table[:2]} == {"alni.cif", "alni3.cif"}
+    assert table[2]["name"] == "cu.cif" and table[2]["e_above_hull"] == ""
+    assert len(list((out / "cif").glob("*.cif"))) == 3
+    assert cli_main([*args, "--out", str(tmp_path / "x"), "--steps", "0"]) == 2
