@@ -219,6 +219,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         num_atoms=args.num_atoms,
         wyckoff_template=args.wyckoff_template,
         chemsys=args.chemsys,
+        contains=args.contains,
         allow_unseen=args.allow_unseen,
         symprec=None if args.skip_symmetry_check else DEFAULT_SYMPREC,
         min_distance=_parse_min_distance(args.min_distance),
@@ -312,7 +313,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"{len(rows)} crystals in {dt:.1f} s ({rate(len(rows), dt)}) -> {out}/cif, "
         f"{out}/samples.extxyz, {out}/summary.csv; most common space groups {top}; "
         f"{redrawn} crystals redrawn (symmetry higher than sampled, impossible cell, no room, "
-        f"atoms too close, or let go for the training data's numbers of elements), {moved} site "
+        f"atoms too close, without a --contains element, or let go for the training data's "
+        f"numbers of elements), {moved} site "
         "coordinates redrawn (atoms too close)"
     )
     return 0
@@ -969,6 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--elements", help="only these elements, e.g. Li,Fe,P,O")
     sa.add_argument("--exclude-elements", help="never these elements, e.g. Pb,Cd,Hg")
     sa.add_argument("--chemsys", help="exactly these elements, each present, e.g. Li-Fe-P-O")
+    sa.add_argument(
+        "--contains", help="elements every crystal contains, the others free, e.g. O (oxides)"
+    )
     sa.add_argument(
         "--allow-unseen",
         action="store_true",

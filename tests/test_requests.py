@@ -99,6 +99,46 @@ def test_chemsys_gives_exactly_those_elements(model):
     assert np.isfinite([per_cell(c) for c in crystals]).all()
 
 
+def test_contains_puts_those_elements_in_every_crystal_and_leaves_the_others_free(model):
+    crystals = sample_crystals(model, 40, contains="O", seed=0)
+    assert all(8 in {int(z) for z in c.species} for c in crystals)
+    assert len({int(z) for c in crystals for z in c.species}) > 5  # the others stay free
+    assert sum(c.meta["redraws"] for c in crystals) > 40  # O is rare for an untrained model
+    # exact conditioning: the sites of crystals drawn to contain O are distributed as those of
+    # unconstrained draws that happen to contain it (a mask on the end would add sites)
+    from scipy.stats import mannwhitneyu
+
+    kw = dict(elements="Li,Fe,P,O", min_distance=0, symprec=None)
+    asked = sample_crystals(model, 300, contains="O", seed=3, **kw)
+    drawn = sample_crystals(model, 600, seed=4, **kw)
+    free = [c for c in drawn if 8 in set(c.species.tolist())]
+    assert len(free) > 150
+
+    def sites(crystals):
+        return [len(c.species) for c in crystals]
+
+    assert mannwhitneyu(sites(asked), sites(free)).pvalue > 1e-3
+    assert mannwhitneyu(sites(asked), sites(drawn)).pvalue < 1e-3  # the test can tell
+    # combined with a chemical system
+    crystals = sample_crystals(model, 20, contains=["O"], chemsys="Li-O", seed=1)
+    assert all(sorted({int(z) for z in c.species}) == [3, 8] for c in crystals)
+    # within an element list, every crystal holds both, the list's others only sometimes
+    crystals = sample_crystals(model, 30, contains="Li,O", elements="Li,Fe,P,O", seed=2)
+    assert all({3, 8} <= {int(z) for z in c.species} <= {3, 8, 15, 26} for c in crystals)
+    with pytest.raises(ConstraintError, match="unknown element 'Xx'"):
+        sample_crystals(model, 1, contains="Xx")
+    with pytest.raises(ConstraintError, match="excluded"):
+        sample_crystals(model, 1, contains="O", exclude_elements=["O"])
+    with pytest.raises(ConstraintError, match="excluded"):
+        sample_crystals(model, 1, contains="O", elements="Li,Fe")
+    with pytest.raises(ConstraintError, match="does not contain"):
+        sample_crystals(model, 1, contains="O", composition="LiFe")
+    with pytest.raises(ConstraintError, match="3 must be contained"):
+        sample_crystals(model, 1, contains="Li,Fe,O", num_elements=2)
+    with pytest.raises(ConstraintError, match="the template has 1"):
+        sample_crystals(model, 1, contains="Li,O", spacegroup=225, wyckoff_template="4a")
+
+
 def test_cli_symmetry_check_can_be_skipped(tmp_path):
     import csv
 

@@ -800,6 +800,7 @@ class CrystalGPT(nn.Module):
         num_atoms=None,
         wyckoff_template=None,
         chemsys=None,
+        contains=None,
         allow_unseen: bool = False,
         conditions: dict | None = None,
         guidance: float = 1.0,
@@ -810,7 +811,8 @@ class CrystalGPT(nn.Module):
         ``elements`` / ``exclude_elements`` restrict atom types ('Li,O' or a list);
         ``composition`` (e.g. 'Li4Fe4P4O16', per primitive cell), ``num_atoms`` (N or (low,
         high)) and ``wyckoff_template`` ('4a 4b') are met exactly; ``chemsys`` ('Li-Fe-P-O')
-        gives exactly those elements, all present; ``allow_unseen`` lifts the default
+        gives exactly those elements, all present; ``contains`` ('O') these in every crystal,
+        the others free; ``allow_unseen`` lifts the default
         restriction to the training data's elements and sizes; ``conditions`` (e.g.
         ``{"band_gap": 3.0}``) and ``guidance`` steer a conditioned model; ``num_elements``
         (3, '2-4', 'prior', 'model'; default 'auto') sets the number of distinct elements (see
@@ -832,6 +834,7 @@ class CrystalGPT(nn.Module):
             num_atoms=num_atoms,
             wyckoff_template=wyckoff_template,
             chemsys=chemsys,
+            contains=contains,
             allow_unseen=allow_unseen,
             conditions=conditions,
             guidance=guidance,

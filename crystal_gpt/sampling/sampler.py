@@ -89,6 +89,7 @@ class _Drawer:
 FAR_OUTSIDE = 3  # requests beyond this many times the largest training cell need allow_unseen
 MAX_SAMPLES = 100_000_000  # per call: the crystals are kept in memory (~1 kB each)
 TAIL_COPIES = 16  # at most this many copies of a crystal in one batch of the queue's tail
+CONTAINS_REDRAWS = 20_000  # draws per crystal for ``contains`` (a rare element is rare)
 
 
 def parse_spacegroups(spacegroups: int | str | Iterable[int | str]) -> list[int]:
@@ -200,9 +201,10 @@ def sample_crystals(
     num_atoms=None,
     wyckoff_template=None,
     chemsys: str | Iterable[str] | None = None,
+    contains: str | Iterable[str] | None = None,
     allow_unseen: bool = False,
     symprec: float | None = DEFAULT_SYMPREC,
-    max_redraws: int = 100,
+    max_redraws: int | None = None,
     min_distance: float | str | None = "auto",
     max_site_tries: int = 20,
     charge_balanced: bool = False,
@@ -226,11 +228,15 @@ def sample_crystals(
     positions, the elements left to the model. Requests that no crystal can meet raise
     ``ConstraintError`` before sampling. ``chemsys`` ('Li-Fe-P-O' or a list) asks for exactly
     those elements, each present: the end of the sequence is masked until all are placed.
+    ``contains`` ('O', 'Li,O' or a list) asks for these elements in every crystal, the others
+    free (e.g. oxides): exact conditioning, by redrawing crystals without them (a rare element
+    costs many draws; an element list makes it cheap).
 
     Samples are what was asked for: a crystal whose symmetry (moyopy or spglib at
     ``symprec``; None: no check) is higher than its sampled group, or whose cell is impossible,
     is redrawn, as is a chemical system that runs out of room; ``meta['redraws']`` counts the
-    draws each crystal replaced (``max_redraws`` per crystal, then an error). By default only
+    draws each crystal replaced (``max_redraws`` per crystal, then an error; default 100, or
+    ``CONTAINS_REDRAWS`` with ``contains``). By default only
     elements seen in the model's training data and atom counts within its training range are
     sampled; ``allow_unseen=True`` lifts that, and explicit requests outside it are kept with
     a warning.
@@ -294,6 +300,12 @@ def sample_crystals(
             )
         required = element_mask(elements, None, device)
     allowed_a = element_mask(elements, exclude_elements, device)
+    contains = list(dict.fromkeys(parse_elements(contains) or [])) or None
+    lacking = None  # contains: which crystals lack an element they must hold (redrawn)
+    if contains is not None:
+        lacking = _contained(model, contains, allowed_a, composition, allow_unseen)
+    if max_redraws is None:
+        max_redraws = 100 if lacking is None else CONTAINS_REDRAWS
     asked_atoms = num_atoms
     num_atoms = _training_range(
         model, allowed_a, elements, composition, num_atoms, wyckoff_template, allow_unseen
@@ -354,17 +366,28 @@ def sample_crystals(
     unconstrained = all(
         v is None
         for v in (spacegroup, elements, exclude_elements, composition, asked_atoms,
-                  wyckoff_template, chemsys)
+                  wyckoff_template, chemsys, contains)
     ) and not (cond_values or charge_balanced)  # fmt: skip
     template_sites = None
     if wyckoff_template is not None and spacegroup is not None and len(spacegroup) == 1:
         from crystal_gpt.sampling.constraints import parse_template
 
         template_sites = len(parse_template(spacegroup[0], wyckoff_template))
+    if contains is not None and template_sites is not None and len(contains) > template_sites:
+        raise ConstraintError(
+            f"{len(contains)} elements to contain need {len(contains)} sites; the template has "
+            f"{template_sites}"
+        )
     counts = element_bounds(
         model, num_elements, n, unconstrained, allowed_a, chemsys, composition, asked_atoms,
         template_sites,
     )  # fmt: skip
+    too_few = counts is not None and counts.ndim == 2 and int(counts[0, 1]) < len(contains or [])
+    if contains is not None and too_few:
+        raise ConstraintError(
+            f"at most {int(counts[0, 1])} distinct elements asked, but {len(contains)} "
+            f"must be contained ({', '.join(contains)})"
+        )
     resampler = None
     if counts is not None and counts.ndim == 1:
         resampler, counts = _CountResampler(counts, seed), None
@@ -402,6 +425,8 @@ def sample_crystals(
                 continue
             placed[i] += m
             reason = "a dead end (no room for every element, or atoms too close)" if stuck else why
+            if stuck and lacking is not None and lacking(crystal):
+                reason = f"without an element it must contain ({', '.join(contains or [])})"
             if reason is None:
                 crystal.meta["redraws"] = int(redraws[i])
                 crystal.meta["site_redraws"] = int(placed[i])
@@ -445,7 +470,9 @@ def sample_crystals(
                     if len(idx) < batch_size and all(redraws[i] for i in idx):
                         # the tail, only redraws left: a few hard requests drawn as copies at
                         # once, instead of one small batch (a whole pass) per redraw
-                        copies = min(batch_size // len(idx), TAIL_COPIES)
+                        # (with ``contains`` most draws fail: fill the batch with copies)
+                        cap = TAIL_COPIES if lacking is None else batch_size
+                        copies = min(batch_size // len(idx), cap)
                         idx = [  # never more draws in all than max_redraws allows
                             i for i in idx
                             for _ in range(max(1, min(copies, max_redraws + 1 - int(redraws[i]))))
@@ -471,6 +498,8 @@ def sample_crystals(
                         guidance,
                         bounds,
                     )
+                    if lacking is not None:  # redrawn without their symmetry check
+                        dead = [d or lacking(c) for d, c in zip(dead, batch, strict=True)]
                     drawn = (idx, batch, dead, moved, checker.submit(batch, dead))
                 if in_flight is not None:
                     *drawn_before, handle = in_flight
@@ -583,6 +612,51 @@ def element_bounds(
             f"{low} distinct elements need at least {low} sites; the template has {template_sites}"
         )
     return np.tile(np.array([[low, high]], dtype=np.int64), (n, 1))
+
+
+def _contained(model, contains: list[str], allowed_a, composition, allow_unseen: bool):
+    """``contains``: a test of whether a drawn crystal lacks one of these elements (it is then
+    redrawn: exact conditioning on holding them); refused here when the other requests exclude
+    one of them."""
+    from pymatgen.core.periodic_table import Element
+
+    from crystal_gpt.sampling.constraints import parse_composition
+
+    device = next(model.parameters()).device
+    unknown = [e for e in contains if not Element.is_valid_symbol(e)]
+    if unknown:
+        raise ConstraintError(f"unknown element {unknown[0]!r} in contains")
+    mask = element_mask(contains, None, device)
+    if composition is not None:  # the composition decides; it must hold them
+        comps = composition if isinstance(composition, list | tuple) else [composition]
+        for comp in comps:
+            have = {Element.from_Z(z).symbol for z in parse_composition(comp)}
+            missing = sorted(set(contains) - have)
+            if missing:
+                raise ConstraintError(f"the composition {comp} does not contain {missing}")
+    if len(contains) > model.config.max_sites:
+        raise ConstraintError(
+            f"{len(contains)} elements to contain need as many sites; this model places at "
+            f"most {model.config.max_sites}"
+        )
+    if allowed_a is not None and bool((mask & ~allowed_a).any()):
+        refused = [e for e in contains if not bool(allowed_a[Element(e).Z])]
+        raise ConstraintError(
+            f"elements to contain {refused} are excluded by the other element requests"
+        )
+    if not allow_unseen:
+        unseen = [e for e in contains if not bool(model.seen_elements[Element(e).Z])]
+        if unseen:
+            raise ConstraintError(
+                f"elements to contain {unseen} are not in the model's training data "
+                "(allow_unseen=True / --allow-unseen lifts that)"
+            )
+    wanted = frozenset(Element(e).Z for e in contains)
+
+    def lacks(crystal: WyckoffCrystal) -> bool:
+        return not wanted <= {int(z) for z in crystal.species}
+
+    return lacks
 
 
 def _condition_values(model, conditions, guidance, n: int) -> dict[str, np.ndarray]:
