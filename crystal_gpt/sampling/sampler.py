@@ -303,7 +303,10 @@ def sample_crystals(
     contains = list(dict.fromkeys(parse_elements(contains) or [])) or None
     lacking = None  # contains: which crystals lack an element they must hold (redrawn)
     if contains is not None:
-        lacking = _contained(model, contains, allowed_a, composition, allow_unseen)
+        # an explicit element list decides what is seen, as it does without ``contains``
+        lacking = _contained(
+            model, contains, allowed_a, composition, allow_unseen or elements is not None
+        )
     if max_redraws is None:
         max_redraws = 100 if lacking is None else CONTAINS_REDRAWS
     asked_atoms = num_atoms
@@ -626,14 +629,20 @@ def _contained(model, contains: list[str], allowed_a, composition, allow_unseen:
     unknown = [e for e in contains if not Element.is_valid_symbol(e)]
     if unknown:
         raise ConstraintError(f"unknown element {unknown[0]!r} in contains")
-    mask = element_mask(contains, None, device)
-    if composition is not None:  # the composition decides; it must hold them
+    wanted = frozenset(Element(e).Z for e in contains)
+
+    def lacks(crystal: WyckoffCrystal) -> bool:
+        return not wanted <= {int(z) for z in crystal.species}
+
+    if composition is not None:  # the composition decides (and its own checks apply)
         comps = composition if isinstance(composition, list | tuple) else [composition]
         for comp in comps:
             have = {Element.from_Z(z).symbol for z in parse_composition(comp)}
             missing = sorted(set(contains) - have)
             if missing:
                 raise ConstraintError(f"the composition {comp} does not contain {missing}")
+        return lacks
+    mask = element_mask(contains, None, device)
     if len(contains) > model.config.max_sites:
         raise ConstraintError(
             f"{len(contains)} elements to contain need as many sites; this model places at "
@@ -651,11 +660,6 @@ def _contained(model, contains: list[str], allowed_a, composition, allow_unseen:
                 f"elements to contain {unseen} are not in the model's training data "
                 "(allow_unseen=True / --allow-unseen lifts that)"
             )
-    wanted = frozenset(Element(e).Z for e in contains)
-
-    def lacks(crystal: WyckoffCrystal) -> bool:
-        return not wanted <= {int(z) for z in crystal.species}
-
     return lacks
 
 
