@@ -36,6 +36,11 @@ class ModelConfig:
     # design: every site sees the lattice, so atoms are placed with their distances known) or
     # P(g) prod P(site | ...) P(L | g, sites) ("last")
     lattice_first: bool = False
+    # a third order: P(g) prod P(letter, element | ...) P(L | g, letters, elements) prod
+    # P(coordinates | L, ...): the cell follows the chemistry (its proportions fit the atoms)
+    # and precedes the coordinates (placed with their distances known); one causal sequence
+    # [g, site tokens without coordinates, lattice token, coordinate tokens]
+    sites_first: bool = False
     # element embeddings built from chemistry (group, period, electronegativity, radius, ...)
     # added to the learnt ones, in the inputs and in the element head
     element_features: bool = False
@@ -88,6 +93,7 @@ class ModelConfig:
         for name in (
             "condition_on_composition",
             "lattice_first",
+            "sites_first",
             "element_features",
             "charge_features",
             "volume_features",
@@ -101,6 +107,10 @@ class ModelConfig:
             raise ValueError(
                 "setting model.volume_features=true needs model.lattice_first=true (the cell's "
                 "volume must be known while the atoms are placed)"
+            )
+        if self.sites_first and self.lattice_first:
+            raise ValueError(
+                "model.sites_first and model.lattice_first are two orders: set at most one"
             )
         if self.charge_candidates and not self.charge_features:
             raise ValueError(

@@ -146,7 +146,8 @@ class CrystalGPT(nn.Module):
         self.emb_wfeat = nn.Linear(5, d)  # log multiplicity, dof, free mask (3)
         self.emb_elem = nn.Embedding(NUM_ELEMENTS, d)
         self.emb_coord = nn.Linear(3 * 2 * c.fourier_freqs, d)
-        self.emb_pos = nn.Embedding(c.max_sites + 1, d)
+        # sites first: site tokens, the lattice token and a coordinate token per site
+        self.emb_pos = nn.Embedding(2 * c.max_sites + 2 if c.sites_first else c.max_sites + 1, d)
         self.blocks = nn.ModuleList(
             Block(d, c.n_heads, c.d_ff, c.dropout) for _ in range(c.n_layers)
         )
@@ -159,7 +160,11 @@ class CrystalGPT(nn.Module):
         self.head_x = nn.ModuleList(mlp(d + j * 2 * c.fourier_freqs, d, 3 * K) for j in range(3))
         self.lattice_ctx = mlp(2 * d, d, d)
         # lattice first: the drawn lattice enters token 0 and every site's heads
-        self.emb_lattice = mlp(LATTICE_EMBED_DIM, d, d) if c.lattice_first else None
+        self.emb_lattice = (
+            mlp(LATTICE_EMBED_DIM, d, d) if c.lattice_first or c.sites_first else None
+        )
+        # sites first: what marks a coordinate token (its site's letter and element again)
+        self.coord_token = nn.Parameter(torch.zeros(d)) if c.sites_first else None
         if c.element_features:
             self.register_buffer("element_table", element_feature_table())
             self.emb_elem_feat = mlp(self.element_table.shape[1], d, d)
@@ -308,7 +313,7 @@ class CrystalGPT(nn.Module):
         g: Tensor,
         w: Tensor,
         a: Tensor,
-        x: Tensor,
+        x: Tensor | None,
         charge: Tensor | None = None,
         fill: Tensor | None = None,
         balanced: Tensor | None = None,
@@ -320,15 +325,9 @@ class CrystalGPT(nn.Module):
         needed by models with ``volume_features``. ``balanced`` (B, n) bool: whether the
         composition is balanced after each site (``balance_inputs``); by default from these
         sites alone, like ``charge``."""
-        gb = g.unsqueeze(-1).expand_as(w)
-        feats = self.sym.site_features(gb, w)
-        emb = (
-            self.emb_gw(self._gw_index(gb, w))
-            + self.emb_letter(w)
-            + self.emb_wfeat(feats)
-            + self.element_embedding(a)
-            + self.emb_coord(fourier(x, self.config.fourier_freqs))
-        )
+        emb = self._site_identity(g, w, a)
+        if x is not None:  # sites first: the site tokens carry no coordinates
+            emb = emb + self.emb_coord(fourier(x, self.config.fourier_freqs))
         if self.emb_charge is not None:
             if charge is None:
                 charge = self.charge_totals(g, w, a)
@@ -342,6 +341,26 @@ class CrystalGPT(nn.Module):
                 balanced = self.balance_inputs(g, w, a)[1]
             emb = emb + self.emb_balance(balanced.long())
         return emb
+
+    def _site_identity(self, g: Tensor, w: Tensor, a: Tensor) -> Tensor:
+        """A site's letter (in its group) and element (B, n) -> (B, n, d)."""
+        gb = g.unsqueeze(-1).expand_as(w)
+        feats = self.sym.site_features(gb, w)
+        return (
+            self.emb_gw(self._gw_index(gb, w))
+            + self.emb_letter(w)
+            + self.emb_wfeat(feats)
+            + self.element_embedding(a)
+        )
+
+    def embed_coordinates(self, g: Tensor, w: Tensor, a: Tensor, x: Tensor) -> Tensor:
+        """Sites first: the coordinate tokens (B, n) -> (B, n, d), a site's letter, element and
+        coordinates, marked as coordinate tokens."""
+        return (
+            self._site_identity(g, w, a)
+            + self.emb_coord(fourier(x, self.config.fourier_freqs))
+            + self.coord_token
+        )
 
     def balance_candidates(self, g: Tensor, w: Tensor, counts: Tensor) -> Tensor:
         """(R, 119) bool: whether each element on a site of letter w (R,) would leave the atoms
@@ -499,6 +518,7 @@ class CrystalGPT(nn.Module):
         volume: Tensor | None = None,
         charge: Tensor | None = None,
         balance: Tensor | None = None,
+        place: bool = True,
     ) -> SiteStep:
         """The element and coordinates of a site whose letter is w: the one site step that
         teacher-forced training (``a``, ``x`` given) and the sampler (``draw`` given) share.
@@ -513,7 +533,8 @@ class CrystalGPT(nn.Module):
         ``volume`` (B, 2): the cell's fill before this site and its volume (``volume_features``);
         ``charge`` (B, 5): the running charge totals before this site (``charge_candidates``).
         ``balance`` (B, 119) bool: which elements would leave the composition balanced
-        (``balance_candidates``; ``balance_features``).
+        (``balance_candidates``; ``balance_features``). ``place=False`` (sites first): the
+        element only; ``x`` comes back as zeros, ``lp_x`` as None.
         """
         # elements: real ones, non-decreasing along a repeated letter (the canonical order)
         ctx = self._site_context(h, g, w, lattice)
@@ -535,6 +556,9 @@ class CrystalGPT(nn.Module):
         lp_a = (
             F.log_softmax(a_logits, -1).gather(-1, a.unsqueeze(-1)).squeeze(-1) if score else None
         )
+        if not place:
+            return SiteStep(a, torch.zeros(len(g), 3, device=h.device), lp_a, None, a_logits,
+                            None, ctx)  # fmt: skip
         x, lp_x, params = self.coordinates(ctx, g, w, a, x, draw, score=score)
         return SiteStep(a, x, lp_a, lp_x, a_logits, params, ctx)
 
@@ -657,6 +681,8 @@ class CrystalGPT(nn.Module):
         if self.config.condition_on_composition:
             comp = self.composition_counts(g, w, a, n)
         cond = self.condition_vector(g, conditions, comp)
+        if self.config.sites_first:
+            return self._forward_sites_first(batch, cond, per_step, distributions)
         start = self.start_token(g, cond)
         lat_emb = self.lattice_embedding(batch["lattice"])
         if lat_emb is not None:
@@ -729,6 +755,100 @@ class CrystalGPT(nn.Module):
         if distributions:
             out["w_logits"] = w_logits
             out["a_logits"], out["x_params"] = step.a_logits, step.x_params
+            out["site_crystal"] = site_of
+            out["lattice_noise"] = self.lattice_noise(
+                lat_ctx, batch["lattice"], g, batch["num_atoms"]
+            )
+        return out
+
+    def sites_first_layout(self, n: Tensor, T: int) -> Tensor:
+        """Sites first: where each crystal's tokens come from (B, 2T+2) in the source
+        [start, T site tokens, lattice token, T coordinate tokens]: its own n site tokens, then
+        the lattice token, then its n coordinate tokens, then padding. Laid out per crystal, so
+        a crystal's tokens never depend on the longest crystal of its batch."""
+        t = torch.arange(2 * T + 2, device=n.device).unsqueeze(0)
+        k = n.unsqueeze(1)
+        idx = torch.where(t <= k, t, T + 1 + (t - k - 1))
+        return idx.clamp(max=2 * T + 1)
+
+    def _forward_sites_first(
+        self, batch: dict[str, Tensor], cond: Tensor, per_step: bool, distributions: bool
+    ) -> dict[str, Tensor]:
+        """``forward`` for the order group, letters and elements, lattice, coordinates."""
+        g, w, a, x, n = batch["g"], batch["w"], batch["a"], batch["x"], batch["n"]
+        B, T = w.shape
+        pad = self.sym.pad
+        dev = g.device
+        charge = self.charge_totals(g, w, a) if self.emb_charge is not None else None
+        balance = balanced = None
+        if self.emb_balance is not None:
+            balance, balanced = self.balance_inputs(g, w, a)
+        lat_emb = self.lattice_embedding(batch["lattice"])
+        source = torch.cat(
+            [
+                self.start_token(g, cond),
+                self.embed_sites(g, w, a, None, charge, None, balanced),
+                lat_emb.unsqueeze(1),
+                self.embed_coordinates(g, w, a, x),
+            ],
+            dim=1,
+        )
+        idx = self.sites_first_layout(n, T)
+        h = self.backbone(source.gather(1, idx.unsqueeze(-1).expand(-1, -1, source.shape[-1])))
+        # letters and elements: outputs 0..n, as with the lattice last
+        steps = torch.arange(T + 1, device=dev)
+        valid = steps.unsqueeze(0) <= n.unsqueeze(1)
+        is_site = steps.unsqueeze(0) < n.unsqueeze(1)
+        hs = h[:, : T + 1]
+        w_t = torch.cat([w, torch.full_like(w[:, :1], pad)], dim=1)
+        w_t = torch.where(is_site, w_t, torch.full_like(w_t, pad))
+        a_t = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
+        prev_w = torch.cat([torch.zeros_like(w[:, :1]), w], dim=1)
+        prev_a = torch.cat([torch.zeros_like(a[:, :1]), a], dim=1)
+        first = (steps == 0).unsqueeze(0).expand(B, -1)
+        gb = g.unsqueeze(1).expand(-1, T + 1)
+        w_logits = self.w_logits(hs, gb, prev_w, first)
+        lp_w = F.log_softmax(w_logits, -1).gather(-1, w_t.unsqueeze(-1)).squeeze(-1)
+        lp_w = torch.where(valid, lp_w, torch.zeros_like(lp_w))
+        site_of = torch.arange(B, device=dev).unsqueeze(1).expand(-1, T + 1)[is_site]
+        step = self.site_content(
+            hs[is_site],
+            gb[is_site],
+            w_t[is_site],
+            prev_w[is_site],
+            prev_a[is_site],
+            first[is_site],
+            a=a_t[is_site],
+            charge=None if charge is None else _before_each(charge)[is_site],
+            balance=balance,
+            place=False,
+        )
+        # the lattice: from the output after the last site (the end), per atom
+        lat_ctx = self.lattice_context(h[torch.arange(B, device=dev), n], g)
+        # coordinates of site i: from the output at n + i (the lattice token predicts site 1's)
+        real = is_site[:, :T]
+        hc = h.gather(1, (n.unsqueeze(1) + 1 + torch.arange(T, device=dev)).clamp(max=2 * T + 1)
+                      .unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # fmt: skip
+        gs = g.unsqueeze(1).expand(-1, T)[real]
+        ctx = self._site_context(hc[real], gs, w[real], lat_emb[site_of])
+        _, lp_x, params = self.coordinates(ctx, gs, w[real], a[real], x[real])
+        out = {
+            "g": self.g_logprob(g, cond),
+            "W": lp_w.sum(1),
+            "A": torch.zeros(B, device=dev).index_add(0, site_of, step.lp_a),
+            "X": torch.zeros(B, device=dev).index_add(0, site_of, lp_x),
+            "L": self.lattice_logprob(lat_ctx, batch["lattice"], g, batch["num_atoms"]),
+        }
+        out["total"] = sum(out[p] for p in PARTS)
+        if per_step:
+            out["W_steps"] = lp_w
+            for key, val in (("A_steps", step.lp_a), ("X_steps", lp_x)):
+                full = torch.zeros(B, T + 1, device=dev)
+                full[is_site] = val
+                out[key] = full
+        if distributions:
+            out["w_logits"] = w_logits
+            out["a_logits"], out["x_params"] = step.a_logits, params
             out["site_crystal"] = site_of
             out["lattice_noise"] = self.lattice_noise(
                 lat_ctx, batch["lattice"], g, batch["num_atoms"]

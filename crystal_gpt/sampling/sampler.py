@@ -899,6 +899,7 @@ def _sample_batch(
     stream through the transformer beside the conditional one (``model.transformer.guided``);
     ``element_bounds``: (B, 2) distinct elements allowed per crystal (``ElementCount``)."""
     sym = model.sym
+    sites_first = model.config.sites_first
     drawer = _Drawer(shaping, gen)
     allowed_g = spacegroup_mask(spacegroup, device).expand(B, -1)
     counts = None
@@ -1036,6 +1037,7 @@ def _sample_batch(
             volume=None if fill_sum is None else torch.stack([fill_sum[rows], cell[rows]], -1),
             charge=None if charge_sum is None else charge_sum[rows],
             balance=balance,
+            place=not sites_first,  # sites first: coordinates once the lattice is drawn
         )
         a, x = step.a, step.x
         if placement is not None:
@@ -1065,8 +1067,9 @@ def _sample_batch(
             balanced = balance.gather(1, a.unsqueeze(1))
             atoms[rows, a] += sym.multiplicity[g, w].long()
         emb = model.embed_sites(
-            g, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1), totals, fills, balanced
-        )
+            g, w.unsqueeze(1), a.unsqueeze(1), None if sites_first else x.unsqueeze(1), totals,
+            fills, balanced,
+        )  # fmt: skip
         if use_cache:
             h = model.backbone(emb, caches, offset=k + 1)[:, -1]
         else:  # the reference: re-run the whole prefix for every new token
@@ -1077,7 +1080,12 @@ def _sample_batch(
         prev_w, prev_a = w, a
 
     sites_w, sites_a, sites_x = list(W[:steps]), list(A[:steps]), list(X[:steps])
-    if lattice is None:
+    if sites_first:  # the lattice given the sites, then their coordinates
+        lattice, sites_x = _sites_first_coordinates(
+            model, g_all, sites_w, sites_a, h_end, start, thresholds, drawer, max_site_tries,
+            dead, site_redraws, use_cache,
+        )  # fmt: skip
+    elif lattice is None:
         lattice = _sample_lattice(model, h_end, g_all, sites_w)
         if thresholds is not None:  # lattice last: the rule can only judge whole crystals
             dead |= clashing_crystals(
@@ -1162,6 +1170,64 @@ def _place(model, placement, drawer, step, g, w, tries: int, per_round: int = 8)
         x[redo[hit]] = xs.view(-1, size, 3)[hit, first_ok[hit]]
         bad[redo[hit]] = False
     return x, torch.where(bad, -1, count)
+
+
+class _Drawn(NamedTuple):
+    """What ``_place`` reads of a drawn site."""
+
+    a: Tensor
+    x: Tensor
+    ctx: Tensor
+
+
+def _sites_first_coordinates(
+    model, g, sites_w, sites_a, h_end, start, thresholds, drawer, tries: int, dead,
+    site_redraws, use_cache: bool,
+) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    """Sites first, once every crystal's letters and elements are drawn: its lattice from
+    P(L | g, sites) (``h_end``: the output at its end), then each site's coordinates given the
+    lattice and the coordinates before it, under the distance rule site by site (``_place``;
+    a site that cannot be placed condemns its crystal, in ``dead``). Crystals with the same
+    number of sites run together through one key/value cache: the sequence [start, site
+    tokens, lattice token, coordinate tokens] of ``CrystalGPT.sites_first_layout``."""
+    sym = model.sym
+    B = len(g)
+    letters = torch.stack(sites_w, 1) if sites_w else torch.zeros(B, 0, dtype=torch.long)
+    elems = torch.stack(sites_a, 1) if sites_a else torch.zeros(B, 0, dtype=torch.long)
+    n = (letters != sym.pad).sum(1)
+    lattice = _sample_lattice(model, h_end, g, sites_w)
+    lat_emb = model.lattice_embedding(lattice)
+    coords = torch.zeros(B, letters.shape[1], 3, device=g.device)
+    for k in n.unique().tolist():
+        rows = (n == k).nonzero().flatten()
+        gk, Wk, Ak, lk = g[rows], letters[rows, :k], elems[rows, :k], lat_emb[rows]
+        prefix = torch.cat(
+            [start[rows], model.embed_sites(gk, Wk, Ak, None), lk.unsqueeze(1)], dim=1
+        )
+        caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
+        tokens = [prefix]
+        h = model.backbone(prefix, caches, offset=0)[:, -1]
+        placement = None if thresholds is None else Placement(lattice[rows], thresholds)
+        for i in range(k):
+            w, a = Wk[:, i], Ak[:, i]
+            ctx = model._site_context(h, gk, w, lk)
+            x, _, _ = model.coordinates(ctx, gk, w, a, draw=drawer, score=False)
+            if placement is not None:
+                step = _Drawn(a, x, ctx)
+                x, tried = _place(model, placement, drawer, step, gk, w, tries)
+                site_redraws[rows] += tried.clamp(min=0)
+                dead[rows[tried < 0]] = True
+                placement.add(gk, w, a, x)
+            coords[rows, i] = x
+            if i + 1 == k:
+                break
+            emb = model.embed_coordinates(gk, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
+            if use_cache:
+                h = model.backbone(emb, caches, offset=k + 2 + i)[:, -1]
+            else:  # the reference: the whole sequence again
+                tokens.append(emb)
+                h = model.backbone(torch.cat(tokens, dim=1))[:, -1]
+    return lattice, list(coords.transpose(0, 1))
 
 
 def _draw_lattice(model, ctx: Tensor, g: Tensor, n_atoms: Tensor | None) -> Tensor:
