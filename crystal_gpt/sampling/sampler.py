@@ -1187,9 +1187,10 @@ def _sites_first_coordinates(
     """Sites first, once every crystal's letters and elements are drawn: its lattice from
     P(L | g, sites) (``h_end``: the output at its end), then each site's coordinates given the
     lattice and the coordinates before it, under the distance rule site by site (``_place``;
-    a site that cannot be placed condemns its crystal, in ``dead``). Crystals with the same
-    number of sites run together through one key/value cache: the sequence [start, site
-    tokens, lattice token, coordinate tokens] of ``CrystalGPT.sites_first_layout``."""
+    a site that cannot be placed condemns its crystal, in ``dead``). The sequence is [start,
+    site tokens, lattice token, coordinate tokens] (``CrystalGPT.sites_first_layout``), so
+    crystals with the same number of sites share a key/value cache; the heads and the rule
+    run once per site index over all crystals still placing sites."""
     sym = model.sym
     B = len(g)
     letters = torch.stack(sites_w, 1) if sites_w else torch.zeros(B, 0, dtype=torch.long)
@@ -1198,35 +1199,48 @@ def _sites_first_coordinates(
     lattice = _sample_lattice(model, h_end, g, sites_w)
     lat_emb = model.lattice_embedding(lattice)
     coords = torch.zeros(B, letters.shape[1], 3, device=g.device)
+    h_all = torch.zeros_like(h_end)  # each crystal's latest output
+    groups = []  # (number of sites, its rows, their caches or tokens)
     for k in n.unique().tolist():
+        if k == 0:
+            continue
         rows = (n == k).nonzero().flatten()
-        gk, Wk, Ak, lk = g[rows], letters[rows, :k], elems[rows, :k], lat_emb[rows]
         prefix = torch.cat(
-            [start[rows], model.embed_sites(gk, Wk, Ak, None), lk.unsqueeze(1)], dim=1
-        )
+            [start[rows], model.embed_sites(g[rows], letters[rows, :k], elems[rows, :k], None),
+             lat_emb[rows].unsqueeze(1)], dim=1,
+        )  # fmt: skip
         caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
-        tokens = [prefix]
-        h = model.backbone(prefix, caches, offset=0)[:, -1]
-        placement = None if thresholds is None else Placement(lattice[rows], thresholds)
-        for i in range(k):
-            w, a = Wk[:, i], Ak[:, i]
-            ctx = model._site_context(h, gk, w, lk)
-            x, _, _ = model.coordinates(ctx, gk, w, a, draw=drawer, score=False)
+        h_all[rows] = model.backbone(prefix, caches, offset=0)[:, -1]
+        groups.append((k, rows, caches, [prefix]))
+    act = (n > 0).nonzero().flatten()
+    placement = None if thresholds is None else Placement(lattice[act], thresholds)
+    for i in range(int(n.max()) if len(n) else 0):
+        if i:  # crystals whose sites are all placed leave
+            still = n[act] > i
+            act = act[still]
             if placement is not None:
-                step = _Drawn(a, x, ctx)
-                x, tried = _place(model, placement, drawer, step, gk, w, tries)
-                site_redraws[rows] += tried.clamp(min=0)
-                dead[rows[tried < 0]] = True
-                placement.add(gk, w, a, x)
-            coords[rows, i] = x
-            if i + 1 == k:
-                break
-            emb = model.embed_coordinates(gk, w.unsqueeze(1), a.unsqueeze(1), x.unsqueeze(1))
-            if use_cache:
-                h = model.backbone(emb, caches, offset=k + 2 + i)[:, -1]
+                placement.keep(still)
+        ga, w, a = g[act], letters[act, i], elems[act, i]
+        ctx = model._site_context(h_all[act], ga, w, lat_emb[act])
+        x, _, _ = model.coordinates(ctx, ga, w, a, draw=drawer, score=False)
+        if placement is not None:
+            x, tried = _place(model, placement, drawer, _Drawn(a, x, ctx), ga, w, tries)
+            site_redraws[act] += tried.clamp(min=0)
+            dead[act[tried < 0]] = True
+            placement.add(ga, w, a, x)
+        coords[act, i] = x
+        for k, rows, caches, tokens in groups:  # each group's sequence, one token on
+            if k <= i + 1:
+                continue
+            emb = model.embed_coordinates(
+                g[rows], letters[rows, i : i + 1], elems[rows, i : i + 1],
+                coords[rows, i : i + 1],
+            )  # fmt: skip
+            if caches is not None:
+                h_all[rows] = model.backbone(emb, caches, offset=k + 2 + i)[:, -1]
             else:  # the reference: the whole sequence again
                 tokens.append(emb)
-                h = model.backbone(torch.cat(tokens, dim=1))[:, -1]
+                h_all[rows] = model.backbone(torch.cat(tokens, dim=1))[:, -1]
     return lattice, list(coords.transpose(0, 1))
 
 
