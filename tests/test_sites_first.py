@@ -35,7 +35,11 @@ def tiny_sites_first(data: PaddedCrystals, seed: int = 0, **options) -> CrystalG
 
 @pytest.fixture(scope="module")
 def sites(data) -> CrystalGPT:
-    return tiny_sites_first(data, charge_features=True, balance_features=True)
+    m = tiny_sites_first(data, charge_features=True, balance_features=True, volume_features=True)
+    from crystal_gpt.data.geometry import training_element_volumes
+
+    m.element_volume.copy_(torch.as_tensor(training_element_volumes(data)))
+    return m
 
 
 def closest_pair(structure) -> float:
@@ -96,8 +100,9 @@ def test_requests_and_likelihood_of_samples(sites):
 def test_config_training_and_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="two orders"):
         ModelConfig(sites_first=True, lattice_first=True).validate()
-    with pytest.raises(ValueError, match="lattice_first=true"):
-        ModelConfig(sites_first=True, volume_features=True).validate()
+    ModelConfig(sites_first=True, volume_features=True).validate()  # the lattice's context
+    with pytest.raises(ValueError, match="sites_first=true"):
+        ModelConfig(volume_features=True).validate()
     from crystal_gpt.cli import main as cli_main
     from crystal_gpt.model.checkpoints import load_model
 
@@ -112,3 +117,17 @@ def test_config_training_and_checkpoint(tmp_path):
     data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
     lp = model(data.batch(np.arange(len(data))))["total"]
     assert torch.isfinite(lp).all()
+
+
+def test_the_lattice_sees_the_fitted_volume_of_the_sites(sites, data):
+    """With ``volume_features`` the flow's context carries the sites' fitted volume per atom:
+    other element volumes change P(L | .) and nothing else."""
+    import copy
+
+    batch = data.batch(np.arange(16))
+    other = copy.deepcopy(sites)
+    other.element_volume.mul_(1.5)
+    a, b = sites(batch), other(batch)
+    for part in ("W", "A", "X"):
+        assert torch.allclose(a[part], b[part])
+    assert not torch.allclose(a["L"], b["L"])

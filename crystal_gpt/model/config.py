@@ -48,11 +48,12 @@ class ModelConfig:
     # lowest and highest oxidation states summed; ``layers.charge_features``), so the element
     # and letter heads see how far the crystal is from a neutral composition
     charge_features: bool = False
-    # lattice first only: each site token also carries the fraction of the drawn cell's volume
+    # lattice first: each site token also carries the fraction of the drawn cell's volume
     # that the atoms placed so far take up (per-element volumes fitted to the training cells,
     # ``data.geometry.element_volumes``), and the element head scores every candidate by the
     # fraction it would leave filled; without it the model matched composition to the drawn
-    # volume poorly (benchmarks/RESULTS.md, "The cell's volume and its atoms")
+    # volume poorly (benchmarks/RESULTS.md, "The cell's volume and its atoms"). Sites first:
+    # the lattice's context carries the fitted volume per atom of the sites drawn
     volume_features: bool = False
     # with charge_features: the element head also scores every candidate by the running charge
     # it would leave (the same seven features), as volume_features does with the fill; without
@@ -103,10 +104,11 @@ class ModelConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"setting model.{name}={getattr(self, name)!r} must be true/false")
-        if self.volume_features and not self.lattice_first:
+        if self.volume_features and not (self.lattice_first or self.sites_first):
             raise ValueError(
                 "setting model.volume_features=true needs model.lattice_first=true (the cell's "
-                "volume must be known while the atoms are placed)"
+                "volume known while the atoms are placed) or model.sites_first=true (the atoms' "
+                "volume known when the cell is drawn)"
             )
         if self.sites_first and self.lattice_first:
             raise ValueError(

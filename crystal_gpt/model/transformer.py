@@ -76,6 +76,9 @@ _RENAMED = {
 }
 
 
+VOLUME_SCALE = 20.0  # Angstrom^3 per atom: fitted volumes per atom / this ~ 0.25-2.75
+
+
 def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance of logits: log p(.|y)^s p(.)^(1-s), renormalised by the caller's
     softmax; scale 1 is the conditional model, 0 the unconditional one."""
@@ -177,9 +180,15 @@ class CrystalGPT(nn.Module):
         else:
             self.emb_charge = None
         self.head_a_charge = nn.Linear(d, CHARGE_FEATURES) if c.charge_candidates else None
+        self.lattice_volume = None
         if c.volume_features:
             # volume per atom of each element (Angstrom^3), fitted to the training cells
             self.register_buffer("element_volume", torch.zeros(NUM_ELEMENTS))
+        if c.volume_features and c.sites_first:
+            # sites first: the lattice's context carries the fitted volume of the sites' atoms
+            self.lattice_volume = nn.Linear(VOLUME_FEATURES, d)
+            self.emb_volume = None
+        elif c.volume_features:
             self.emb_volume = nn.Linear(VOLUME_FEATURES, d)
             self.head_a_volume = nn.Linear(d, VOLUME_FEATURES)
         else:
@@ -401,6 +410,18 @@ class CrystalGPT(nn.Module):
         mult = self._multiplicities(g, w, a > 0)
         fill = (mult * self.element_volume[a]).cumsum(1) / volume.unsqueeze(1)
         return fill if before is None else fill + before.unsqueeze(1)
+
+    def sites_lattice_context(self, h_end: Tensor, g: Tensor, w: Tensor, a: Tensor) -> Tensor:
+        """Sites first: the lattice flow's context from the output at the end of the sites
+        (B, d), plus with ``volume_features`` the fitted volume per atom of the sites (w, a
+        (B, n); padding adds nothing): attention averages over the sites, it does not sum
+        their volumes, and the cell's size follows from that sum."""
+        ctx = self.lattice_context(h_end, g)
+        if self.lattice_volume is None:
+            return ctx
+        mult = self._multiplicities(g, w, a > 0)
+        per_atom = (mult * self.element_volume[a]).sum(1) / mult.sum(1).clamp(min=1)
+        return ctx + self.lattice_volume(volume_features(per_atom / VOLUME_SCALE))
 
     def charge_totals(
         self, g: Tensor, w: Tensor, a: Tensor, before: Tensor | None = None
@@ -824,7 +845,7 @@ class CrystalGPT(nn.Module):
             place=False,
         )
         # the lattice: from the output after the last site (the end), per atom
-        lat_ctx = self.lattice_context(h[torch.arange(B, device=dev), n], g)
+        lat_ctx = self.sites_lattice_context(h[torch.arange(B, device=dev), n], g, w, a)
         # coordinates of site i: from the output at n + i (the lattice token predicts site 1's)
         real = is_site[:, :T]
         hc = h.gather(1, (n.unsqueeze(1) + 1 + torch.arange(T, device=dev)).clamp(max=2 * T + 1)

@@ -1196,7 +1196,10 @@ def _sites_first_coordinates(
     letters = torch.stack(sites_w, 1) if sites_w else torch.zeros(B, 0, dtype=torch.long)
     elems = torch.stack(sites_a, 1) if sites_a else torch.zeros(B, 0, dtype=torch.long)
     n = (letters != sym.pad).sum(1)
-    lattice = _sample_lattice(model, h_end, g, sites_w)
+    real = letters != sym.pad
+    n_atoms = (sym.multiplicity[g.unsqueeze(1), letters] * real).sum(1).long().clamp(min=1)
+    ctx = model.sites_lattice_context(h_end, g, letters, torch.where(real, elems, 0))
+    lattice = _draw_lattice(model, ctx, g, n_atoms)
     lat_emb = model.lattice_embedding(lattice)
     coords = torch.zeros(B, letters.shape[1], 3, device=g.device)
     h_all = torch.zeros_like(h_end)  # each crystal's latest output
