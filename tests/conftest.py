@@ -47,12 +47,13 @@ def data(encoded) -> PaddedCrystals:
 
 def tiny_lattice_first(data: PaddedCrystals, seed: int, **options: bool) -> CrystalGPT:
     """An untrained tiny lattice-first model with these ``model.*`` options, its lattice flow
-    scaled to ``data`` (in eval mode: callers sharpen heads under no_grad as they need)."""
+    scaled to ``data`` (in eval mode: callers sharpen heads under no_grad as they need);
+    ``lattice_first=False`` among the options gives another order."""
     torch.manual_seed(seed)
     cfg = load_config("tiny").model
     cfg.lattice_first = True
     for name, value in options.items():
         setattr(cfg, name, value)
     m = CrystalGPT(cfg)
-    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=False)
+    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=not cfg.lattice_first)
     return m.eval()

@@ -16,21 +16,13 @@ from crystal_gpt import decode
 from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.cache import EncodedDataset
 from crystal_gpt.model.config import ModelConfig
-from crystal_gpt.model.distributions import lattice_statistics
 from crystal_gpt.model.transformer import CrystalGPT
 from crystal_gpt.sampling.sampler import sample_crystals
-from crystal_gpt.training import load_config
+from tests.conftest import tiny_lattice_first
 
 
 def tiny_sites_first(data: PaddedCrystals, seed: int = 0, **options) -> CrystalGPT:
-    torch.manual_seed(seed)
-    cfg = load_config("tiny").model
-    cfg.sites_first = True
-    for name, value in options.items():
-        setattr(cfg, name, value)
-    m = CrystalGPT(cfg)
-    m.lattice.mean[:], m.lattice.std[:] = lattice_statistics(data, per_atom=True)
-    return m.eval()
+    return tiny_lattice_first(data, seed, lattice_first=False, sites_first=True, **options)
 
 
 @pytest.fixture(scope="module")

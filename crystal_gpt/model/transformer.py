@@ -697,7 +697,6 @@ class CrystalGPT(nn.Module):
         if conditions is None:  # condition columns travel in the batch ("cond:<name>")
             conditions = {k[5:]: v for k, v in batch.items() if k.startswith("cond:")}
         B, T = w.shape  # T = max sites; position k >= n is padding
-        pad = self.sym.pad
         comp = None
         if self.config.condition_on_composition:
             comp = self.composition_counts(g, w, a, n)
@@ -722,25 +721,11 @@ class CrystalGPT(nn.Module):
         h = torch.cat([start, self.embed_sites(g, w, a, x, charge, fill, balanced)], dim=1)
         h = self.backbone(h)  # (B, T+1, d): output k predicts site k+1
         # targets: sites 1..n, then the end
-        steps = torch.arange(T + 1, device=g.device)
-        valid = steps.unsqueeze(0) <= n.unsqueeze(1)  # predicted outputs: k = 0..n
-        is_site = steps.unsqueeze(0) < n.unsqueeze(1)  # k < n predicts a real site
-        w_t = torch.cat([w, torch.full_like(w[:, :1], pad)], dim=1)
-        w_t = torch.where(is_site, w_t, torch.full_like(w_t, pad))
-        a_t = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
+        w_t, a_t, prev_w, prev_a, first, gb, is_site, site_of = self._site_targets(g, w, a, n)
         x_t = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-        prev_w = torch.cat([torch.zeros_like(w[:, :1]), w], dim=1)
-        prev_a = torch.cat([torch.zeros_like(a[:, :1]), a], dim=1)
-        first = (steps == 0).unsqueeze(0).expand(B, -1)
-        gb = g.unsqueeze(1).expand(-1, T + 1)
-
-        w_logits = self.w_logits(h, gb, prev_w, first)
-        lw = F.log_softmax(w_logits, -1)
-        lp_w = lw.gather(-1, w_t.unsqueeze(-1)).squeeze(-1)
-        lp_w = torch.where(valid, lp_w, torch.zeros_like(lp_w))
+        w_logits, lp_w = self._letter_terms(h, gb, prev_w, first, w_t, n)
 
         hs, gs, ws = h[is_site], gb[is_site], w_t[is_site]
-        site_of = torch.arange(B, device=g.device).unsqueeze(1).expand(-1, T + 1)[is_site]
         step = self.site_content(
             hs,
             gs,
@@ -782,6 +767,33 @@ class CrystalGPT(nn.Module):
             )
         return out
 
+    def _site_targets(self, g: Tensor, w: Tensor, a: Tensor, n: Tensor) -> tuple[Tensor, ...]:
+        """What outputs 0..T predict (B, T+1): letter (the end after the last site), element,
+        the site before, whether it is the first, the group; which outputs predict a real site,
+        and the crystal of each real site."""
+        B, T = w.shape
+        steps = torch.arange(T + 1, device=g.device)
+        is_site = steps.unsqueeze(0) < n.unsqueeze(1)  # k < n predicts a real site
+        w_t = torch.cat([w, torch.full_like(w[:, :1], self.sym.pad)], dim=1)
+        w_t = torch.where(is_site, w_t, torch.full_like(w_t, self.sym.pad))
+        a_t = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
+        prev_w = torch.cat([torch.zeros_like(w[:, :1]), w], dim=1)
+        prev_a = torch.cat([torch.zeros_like(a[:, :1]), a], dim=1)
+        first = (steps == 0).unsqueeze(0).expand(B, -1)
+        gb = g.unsqueeze(1).expand(-1, T + 1)
+        site_of = torch.arange(B, device=g.device).unsqueeze(1).expand(-1, T + 1)[is_site]
+        return w_t, a_t, prev_w, prev_a, first, gb, is_site, site_of
+
+    def _letter_terms(
+        self, h: Tensor, gb: Tensor, prev_w: Tensor, first: Tensor, w_t: Tensor, n: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Letter logits of outputs 0..T and the log-probability of each target (0 past the
+        end, output n)."""
+        w_logits = self.w_logits(h, gb, prev_w, first)
+        lp_w = F.log_softmax(w_logits, -1).gather(-1, w_t.unsqueeze(-1)).squeeze(-1)
+        valid = torch.arange(h.shape[1], device=h.device).unsqueeze(0) <= n.unsqueeze(1)
+        return w_logits, torch.where(valid, lp_w, torch.zeros_like(lp_w))
+
     def sites_first_layout(self, n: Tensor, T: int) -> Tensor:
         """Sites first: where each crystal's tokens come from (B, 2T+2) in the source
         [start, T site tokens, lattice token, T coordinate tokens]: its own n site tokens, then
@@ -798,7 +810,6 @@ class CrystalGPT(nn.Module):
         """``forward`` for the order group, letters and elements, lattice, coordinates."""
         g, w, a, x, n = batch["g"], batch["w"], batch["a"], batch["x"], batch["n"]
         B, T = w.shape
-        pad = self.sym.pad
         dev = g.device
         charge = self.charge_totals(g, w, a) if self.emb_charge is not None else None
         balance = balanced = None
@@ -817,21 +828,9 @@ class CrystalGPT(nn.Module):
         idx = self.sites_first_layout(n, T)
         h = self.backbone(source.gather(1, idx.unsqueeze(-1).expand(-1, -1, source.shape[-1])))
         # letters and elements: outputs 0..n, as with the lattice last
-        steps = torch.arange(T + 1, device=dev)
-        valid = steps.unsqueeze(0) <= n.unsqueeze(1)
-        is_site = steps.unsqueeze(0) < n.unsqueeze(1)
         hs = h[:, : T + 1]
-        w_t = torch.cat([w, torch.full_like(w[:, :1], pad)], dim=1)
-        w_t = torch.where(is_site, w_t, torch.full_like(w_t, pad))
-        a_t = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
-        prev_w = torch.cat([torch.zeros_like(w[:, :1]), w], dim=1)
-        prev_a = torch.cat([torch.zeros_like(a[:, :1]), a], dim=1)
-        first = (steps == 0).unsqueeze(0).expand(B, -1)
-        gb = g.unsqueeze(1).expand(-1, T + 1)
-        w_logits = self.w_logits(hs, gb, prev_w, first)
-        lp_w = F.log_softmax(w_logits, -1).gather(-1, w_t.unsqueeze(-1)).squeeze(-1)
-        lp_w = torch.where(valid, lp_w, torch.zeros_like(lp_w))
-        site_of = torch.arange(B, device=dev).unsqueeze(1).expand(-1, T + 1)[is_site]
+        w_t, a_t, prev_w, prev_a, first, gb, is_site, site_of = self._site_targets(g, w, a, n)
+        w_logits, lp_w = self._letter_terms(hs, gb, prev_w, first, w_t, n)
         step = self.site_content(
             hs[is_site],
             gb[is_site],
