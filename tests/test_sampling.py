@@ -23,6 +23,30 @@ def test_kv_cache_matches_full_forward(model):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+def test_ragged_cache_advances_rows_of_different_lengths_exactly(model):
+    """Rows whose sequences have different lengths, one token each into a ragged cache (the
+    sites-first sampler's second phase): each matches its own full forward."""
+    torch.manual_seed(2)
+    lengths = [2, 5, 3]
+    seqs = [torch.randn(1, k + 3, model.config.d_model) for k in lengths]
+    caches = [{} for _ in model.blocks]
+    padded = torch.zeros(3, max(lengths) + 3, model.config.d_model)
+    for i, k in enumerate(lengths):
+        padded[i, :k] = seqs[i][0, :k]
+    model.backbone(padded[:, : max(lengths)], caches, 0)  # right padding: causal, harmless
+    for c in caches:  # room for three more tokens per row
+        c["k"], c["v"] = (torch.nn.functional.pad(c[t], (0, 0, 0, 3)) for t in ("k", "v"))
+    at = torch.tensor(lengths)
+    for step in range(3):
+        token = torch.stack([seqs[i][0, k + step] for i, k in enumerate(lengths)]).unsqueeze(1)
+        out = model.backbone(token, caches, offset=at + step)[:, -1]
+        for i, k in enumerate(lengths):
+            full = model.backbone(seqs[i][:, : k + step + 1])[0, -1]
+            assert torch.allclose(out[i], full, atol=1e-5)
+    with pytest.raises(ValueError, match="one token per row"):
+        model.backbone(padded[:, :2], caches, offset=at)
+
+
 def test_samples_are_symmetric_and_legal(model):
     crystals = sample_crystals(model, 40, seed=0)
     assert len(crystals) == 40

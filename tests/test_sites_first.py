@@ -2,9 +2,10 @@
 
 What must hold: the letters and elements see neither the lattice nor any coordinate, the
 lattice sees no coordinate, a coordinate sees only the ones before it; a crystal's likelihood
-does not depend on the crystals batched with it; the sampler (two phases, grouped caches)
-matches a full recompute, keeps the distance rule, and its samples follow the model's own
-densities (PIT, in tests/test_calibration.py); the option trains and round-trips."""
+does not depend on the crystals batched with it; the sampler (two phases, the second on
+ragged caches) matches a full recompute in the training layout, keeps the distance rule, and
+its samples follow the model's own densities (PIT, in tests/test_calibration.py); the option
+trains and round-trips."""
 
 from __future__ import annotations
 

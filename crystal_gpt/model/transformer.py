@@ -455,16 +455,23 @@ class CrystalGPT(nn.Module):
         """Lattice first: the flow's context is token 0 before the lattice (group, conditions)."""
         return self.lattice_context(start[:, 0], g)
 
-    def backbone(self, h: Tensor, caches: list[dict] | None = None, offset: int = 0) -> Tensor:
+    def backbone(
+        self, h: Tensor, caches: list[dict] | None = None, offset: int | Tensor = 0
+    ) -> Tensor:
         """The transformer blocks. With ``autocast_dtype`` (bf16 training) only these run in
         reduced precision: the heads, the von Mises densities (a mean off by bf16's 1/128 is
-        far outside a sharp peak) and the lattice flow see float32 states."""
+        far outside a sharp peak) and the lattice flow see float32 states. ``offset`` (B,)
+        tensor: one token per row at its own position, into ragged caches (``Block``)."""
         T = h.shape[1]
-        h = h + self.emb_pos(torch.arange(offset, offset + T, device=h.device))
+        lengths = offset if isinstance(offset, Tensor) else None
+        if lengths is not None:
+            h = h + self.emb_pos(lengths).unsqueeze(1)
+        else:
+            h = h + self.emb_pos(torch.arange(offset, offset + T, device=h.device))
         dtype = self.autocast_dtype
         with torch.autocast(h.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for i, block in enumerate(self.blocks):
-                h = block(h, None if caches is None else caches[i])
+                h = block(h, None if caches is None else caches[i], lengths)
             h = self.ln_f(h)
         return h.float()
 

@@ -965,6 +965,7 @@ def _sample_batch(
     if model.emb_balance is not None:
         atoms = torch.zeros(B, NUM_ELEMENTS, dtype=torch.long, device=device)
     steps = 0
+    ended: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = []  # sites first: end caches
     for k in range(max_sites + 1):
         n = len(rows)
         first = torch.full((n,), k == 0, device=device)
@@ -993,6 +994,8 @@ def _sample_batch(
         ends = w == sym.pad
         if bool(ends.any()):
             h_end[rows[ends]] = h[ends]
+            if sites_first and caches is not None:  # phase 2 continues these sequences
+                ended.append((rows[ends], [(c["k"][ends], c["v"][ends]) for c in caches]))
             keep = ~ends
             if not bool(keep.any()):
                 break
@@ -1083,7 +1086,7 @@ def _sample_batch(
     if sites_first:  # the lattice given the sites, then their coordinates
         lattice, sites_x = _sites_first_coordinates(
             model, g_all, sites_w, sites_a, h_end, start, thresholds, drawer, max_site_tries,
-            dead, site_redraws, use_cache,
+            dead, site_redraws, ended if use_cache else None,
         )  # fmt: skip
     elif lattice is None:
         lattice = _sample_lattice(model, h_end, g_all, sites_w)
@@ -1180,51 +1183,83 @@ class _Drawn(NamedTuple):
     ctx: Tensor
 
 
+def _continued_caches(ended, B: int, capacity: int) -> list[dict]:
+    """Ragged caches (``Block``) of the first phase's sequences, [start, site tokens] per
+    crystal, saved as crystals ended (``ended``: their rows and per block keys and values),
+    with room for ``capacity`` tokens per crystal."""
+    caches = []
+    for layer in range(len(ended[0][1])):
+        k0 = ended[0][1][layer][0]
+        shape = (B, k0.shape[1], capacity, k0.shape[3])
+        keys, values = k0.new_zeros(shape), k0.new_zeros(shape)
+        for rows, kv in ended:
+            k, v = kv[layer]
+            keys[rows, :, : k.shape[2]] = k
+            values[rows, :, : v.shape[2]] = v
+        caches.append({"k": keys, "v": values})
+    return caches
+
+
 def _sites_first_coordinates(
     model, g, sites_w, sites_a, h_end, start, thresholds, drawer, tries: int, dead,
-    site_redraws, use_cache: bool,
+    site_redraws, ended,
 ) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
     """Sites first, once every crystal's letters and elements are drawn: its lattice from
     P(L | g, sites) (``h_end``: the output at its end), then each site's coordinates given the
     lattice and the coordinates before it, under the distance rule site by site (``_place``;
-    a site that cannot be placed condemns its crystal, in ``dead``). The sequence is [start,
-    site tokens, lattice token, coordinate tokens] (``CrystalGPT.sites_first_layout``), so
-    crystals with the same number of sites share a key/value cache; the heads and the rule
-    run once per site index over all crystals still placing sites."""
+    a site that cannot be placed condemns its crystal, in ``dead``). Each crystal's sequence
+    goes on from its end, [start, site tokens, lattice token, coordinate tokens]
+    (``CrystalGPT.sites_first_layout``): with the first phase's caches (``ended``) one ragged
+    transformer step per site index advances every crystal still placing sites, whatever its
+    number of sites; without (None, the reference) the whole sequence is recomputed in the
+    training layout at every step. The heads and the rule run once per site index."""
     sym = model.sym
     B = len(g)
     letters = torch.stack(sites_w, 1) if sites_w else torch.zeros(B, 0, dtype=torch.long)
     elems = torch.stack(sites_a, 1) if sites_a else torch.zeros(B, 0, dtype=torch.long)
-    n = (letters != sym.pad).sum(1)
     real = letters != sym.pad
+    n = real.sum(1)
+    elems = torch.where(real, elems, 0)
     n_atoms = (sym.multiplicity[g.unsqueeze(1), letters] * real).sum(1).long().clamp(min=1)
-    ctx = model.sites_lattice_context(h_end, g, letters, torch.where(real, elems, 0))
+    ctx = model.sites_lattice_context(h_end, g, letters, elems)
     lattice = _draw_lattice(model, ctx, g, n_atoms)
     lat_emb = model.lattice_embedding(lattice)
-    coords = torch.zeros(B, letters.shape[1], 3, device=g.device)
-    h_all = torch.zeros_like(h_end)  # each crystal's latest output
-    groups = []  # (number of sites, its rows, their caches or tokens)
-    for k in n.unique().tolist():
-        if k == 0:
-            continue
-        rows = (n == k).nonzero().flatten()
-        prefix = torch.cat(
-            [start[rows], model.embed_sites(g[rows], letters[rows, :k], elems[rows, :k], None),
-             lat_emb[rows].unsqueeze(1)], dim=1,
-        )  # fmt: skip
-        caches: list[dict] | None = [{} for _ in model.blocks] if use_cache else None
-        h_all[rows] = model.backbone(prefix, caches, offset=0)[:, -1]
-        groups.append((k, rows, caches, [prefix]))
+    T = letters.shape[1]
+    coords = torch.zeros(B, T, 3, device=g.device)
     act = (n > 0).nonzero().flatten()
+    if not len(act):
+        return lattice, list(coords.transpose(0, 1))
+    caches = None
+    # crystals in the caches: ``act`` and some that have left (dropped from the caches only
+    # once they are a quarter, as each drop copies the caches; until then they run along and
+    # write their tokens into their own spare columns)
+    held = act
+    if ended is not None:
+        caches = _continued_caches(ended, B, 2 * int(n.max()) + 3)
+        if len(act) < B:
+            caches = [{"k": c["k"][act], "v": c["v"][act]} for c in caches]
+        h = model.backbone(lat_emb[act].unsqueeze(1), caches, offset=n[act] + 1)[:, -1]
+    else:
+        site_tokens = model.embed_sites(g, letters, elems, None)
+
+        def recomputed(rows: Tensor, i: int) -> Tensor:
+            """Output n + 1 + i of these crystals' whole sequences (the training layout)."""
+            source = torch.cat(
+                [start[rows], site_tokens[rows], lat_emb[rows].unsqueeze(1),
+                 model.embed_coordinates(g[rows], letters[rows], elems[rows], coords[rows])],
+                dim=1,
+            )  # fmt: skip
+            idx = model.sites_first_layout(n[rows], T)
+            hs = model.backbone(
+                source.gather(1, idx.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+            )
+            return hs[torch.arange(len(rows), device=g.device), n[rows] + 1 + i]
+
+        h = recomputed(act, 0)
     placement = None if thresholds is None else Placement(lattice[act], thresholds)
-    for i in range(int(n.max()) if len(n) else 0):
-        if i:  # crystals whose sites are all placed leave
-            still = n[act] > i
-            act = act[still]
-            if placement is not None:
-                placement.keep(still)
+    for i in range(int(n.max())):
         ga, w, a = g[act], letters[act, i], elems[act, i]
-        ctx = model._site_context(h_all[act], ga, w, lat_emb[act])
+        ctx = model._site_context(h, ga, w, lat_emb[act])
         x, _, _ = model.coordinates(ctx, ga, w, a, draw=drawer, score=False)
         if placement is not None:
             x, tried = _place(model, placement, drawer, _Drawn(a, x, ctx), ga, w, tries)
@@ -1232,18 +1267,26 @@ def _sites_first_coordinates(
             dead[act[tried < 0]] = True
             placement.add(ga, w, a, x)
         coords[act, i] = x
-        for k, rows, caches, tokens in groups:  # each group's sequence, one token on
-            if k <= i + 1:
-                continue
-            emb = model.embed_coordinates(
-                g[rows], letters[rows, i : i + 1], elems[rows, i : i + 1],
-                coords[rows, i : i + 1],
-            )  # fmt: skip
-            if caches is not None:
-                h_all[rows] = model.backbone(emb, caches, offset=k + 2 + i)[:, -1]
-            else:  # the reference: the whole sequence again
-                tokens.append(emb)
-                h_all[rows] = model.backbone(torch.cat(tokens, dim=1))[:, -1]
+        more = n[act] > i + 1  # crystals whose sites are all placed leave
+        if not bool(more.any()):
+            break
+        act, h, x = act[more], h[more], x[more]
+        if placement is not None:
+            placement.keep(more)
+        if caches is not None:
+            if len(act) < 0.75 * len(held):
+                kept = torch.isin(held, act)
+                for c in caches:
+                    c["k"], c["v"] = c["k"][kept], c["v"][kept]
+                held = act
+            slot = torch.searchsorted(held, act)  # both ascending
+            emb = torch.zeros(len(held), 1, h.shape[-1], device=g.device)
+            emb[slot] = model.embed_coordinates(
+                g[act], letters[act, i : i + 1], elems[act, i : i + 1], x.unsqueeze(1)
+            )
+            h = model.backbone(emb, caches, offset=n[held] + 2 + i)[slot, -1]
+        else:
+            h = recomputed(act, i + 1)
     return lattice, list(coords.transpose(0, 1))
 
 
