@@ -124,3 +124,23 @@ def test_the_lattice_sees_the_fitted_volume_of_the_sites(sites, data):
     for part in ("W", "A", "X"):
         assert torch.allclose(a[part], b[part])
     assert not torch.allclose(a["L"], b["L"])
+
+
+def test_bundled_sites_first_model_keeps_the_rule_and_takes_conditions():
+    """``mp_20_sites``: the sites-first order, bundled; guided samples keep the learnt distance
+    rule and score finitely under the model that drew them."""
+    from crystal_gpt.data.geometry import distance_thresholds
+    from crystal_gpt.model.checkpoints import load_model
+
+    model = load_model("mp_20_sites")
+    assert model.config.sites_first and not model.config.lattice_first
+    assert "band_gap" in model.config.conditions
+    thr = distance_thresholds(model.pair_min_distance.double().numpy())
+    crystals = sample_crystals(model, 16, seed=0, conditions={"band_gap": 3.0}, guidance=1.5)
+    for c in crystals:
+        s = decode(c)
+        z = np.array([sp.Z for sp in s.species])
+        d = s.distance_matrix + np.eye(len(s)) * 1e9
+        assert (d >= thr[z[:, None], z[None, :]] - 1e-6).all()
+    data = PaddedCrystals(EncodedDataset.from_crystals(crystals), model.config.max_sites)
+    assert torch.isfinite(model(data.batch(np.arange(len(data))))["total"]).all()

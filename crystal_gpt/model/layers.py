@@ -135,7 +135,6 @@ class Block(nn.Module):
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
             causal = cache is None or T > 1
-            drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(B, T, D)), drop, self.training)
         return x + F.dropout(self.ff(self.ln2(x)), drop, self.training)
