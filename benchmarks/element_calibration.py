@@ -17,20 +17,13 @@ import argparse
 
 import numpy as np
 import torch
-from pymatgen.core import Element
 
 from crystal_gpt import encode_dataset
 from crystal_gpt.data.batching import PaddedCrystals
 from crystal_gpt.data.cache import EncodedDataset
+from crystal_gpt.data.statistics import atomic_masses
 from crystal_gpt.model.checkpoints import load_model
 from crystal_gpt.sampling.sampler import sample_crystals
-
-
-def mass_table() -> torch.Tensor:
-    mass = torch.zeros(119)
-    for z in range(1, 119):
-        mass[z] = float(Element.from_Z(z).atomic_mass)
-    return mass
 
 
 def teacher_forced(model, data: PaddedCrystals, limit: int, mass: torch.Tensor) -> dict:
@@ -80,7 +73,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    mass = mass_table()
+    mass = torch.as_tensor(atomic_masses(), dtype=torch.float32)
     ds = encode_dataset(args.dataset, args.split, progress=False)
     data_figs = crystal_figures([ds[i] for i in range(len(ds))], mass)
     print(

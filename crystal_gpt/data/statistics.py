@@ -70,7 +70,8 @@ def cell_volumes(lattice: np.ndarray) -> np.ndarray:
     return lat[:, 0] * lat[:, 1] * lat[:, 2] * root
 
 
-def _atomic_masses() -> np.ndarray:
+def atomic_masses() -> np.ndarray:
+    """(119,) atomic mass by atomic number (0 for padding)."""
     from pymatgen.core.periodic_table import Element
 
     masses = np.zeros(119)
@@ -82,7 +83,7 @@ def _atomic_masses() -> np.ndarray:
 def crystal_masses(ds: EncodedDataset) -> np.ndarray:
     """Mass (u) of each crystal's conventional cell."""
     mult = get_tables().multiplicity[np.repeat(ds.spacegroup, ds.num_sites), ds.wyckoff]
-    site_mass = mult * _atomic_masses()[ds.species]
+    site_mass = mult * atomic_masses()[ds.species]
     return np.add.reduceat(site_mass, ds.site_start[:-1]) if len(ds) else site_mass
 
 

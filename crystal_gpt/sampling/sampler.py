@@ -1199,8 +1199,7 @@ def _continued_caches(ended, B: int, capacity: int, scratch: dict | None = None)
     shape = (B, k0.shape[1], capacity, k0.shape[3])
     bufs = scratch.get("caches")
     if bufs is None or any(have < need for have, need in zip(bufs[0].shape, shape, strict=True)):
-        size = (shape[0], shape[1], max(shape[2], 2 * 21), shape[3])  # mp_20 needs <= 43
-        bufs = [k0.new_zeros(size) for _ in range(2 * len(ended[0][1]))]
+        bufs = [k0.new_zeros(shape) for _ in range(2 * len(ended[0][1]))]
         scratch["caches"] = bufs
     caches = []
     for layer in range(len(ended[0][1])):
