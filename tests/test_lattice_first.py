@@ -213,14 +213,21 @@ def test_cli_distance_and_charge_options(tmp_path, capsys):
         assert "--min-distance" in capsys.readouterr().err
 
 
-def test_bundled_default_is_lattice_first_and_the_other_order_loads():
-    """The ablation's choice (benchmarks/RESULTS.md): mp_20 draws the lattice first and places
-    atoms under the learnt distance rule; the lattice-last model stays loadable."""
+def test_bundled_default_is_sites_first_and_the_other_orders_load():
+    """The ablation's choice (benchmarks/RESULTS.md): mp_20 draws the sites' letters and
+    elements, then the lattice, then the coordinates under the learnt distance rule; the
+    lattice-first and lattice-last models stay loadable."""
     from crystal_gpt.data.geometry import distance_thresholds
     from crystal_gpt.model.checkpoints import load_model
 
-    first, last = load_model("mp_20"), load_model("mp_20_last")
-    assert first.config.lattice_first and not last.config.lattice_first
+    default, first, last = (
+        load_model("mp_20"),
+        load_model("mp_20_lattice"),
+        load_model("mp_20_last"),
+    )
+    assert default.config.sites_first and not default.config.lattice_first
+    assert first.config.lattice_first and not first.config.sites_first
+    assert not last.config.lattice_first and not last.config.sites_first
     thr = distance_thresholds(first.pair_min_distance.double().numpy())
     for m in (first, last):
         for c in sample_crystals(m, 20, seed=0):

@@ -127,12 +127,12 @@ def test_the_lattice_sees_the_fitted_volume_of_the_sites(sites, data):
 
 
 def test_bundled_sites_first_model_keeps_the_rule_and_takes_conditions():
-    """``mp_20_sites``: the sites-first order, bundled; guided samples keep the learnt distance
+    """The bundled default ``mp_20`` is sites first; guided samples keep the learnt distance
     rule and score finitely under the model that drew them."""
     from crystal_gpt.data.geometry import distance_thresholds
     from crystal_gpt.model.checkpoints import load_model
 
-    model = load_model("mp_20_sites")
+    model = load_model("mp_20")
     assert model.config.sites_first and not model.config.lattice_first
     assert "band_gap" in model.config.conditions
     thr = distance_thresholds(model.pair_min_distance.double().numpy())

@@ -1238,7 +1238,9 @@ def _sites_first_coordinates(
     lat_emb = model.lattice_embedding(lattice)
     T = letters.shape[1]
     coords = torch.zeros(B, T, 3, device=g.device)
-    act = (n > 0).nonzero().flatten()
+    # a crystal already condemned (phase one, or a site that could not be placed) is redrawn:
+    # it places nothing more
+    act = ((n > 0) & ~dead).nonzero().flatten()
     if not len(act):
         return lattice, list(coords.transpose(0, 1))
     caches = None
@@ -1279,7 +1281,7 @@ def _sites_first_coordinates(
             dead[act[tried < 0]] = True
             placement.add(ga, w, a, x)
         coords[act, i] = x
-        more = n[act] > i + 1  # crystals whose sites are all placed leave
+        more = (n[act] > i + 1) & ~dead[act]  # placed all its sites, or condemned: it leaves
         if not bool(more.any()):
             break
         act, h, x = act[more], h[more], x[more]
