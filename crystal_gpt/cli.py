@@ -997,7 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="closest approach of two atoms in Angstrom; 'auto' (default): 0.8 of the "
         "shortest distance of that element pair in the model's training data; 0: no rule. "
-        "A lattice-first model redraws a clashing site, a lattice-last one the crystal",
+        "A model that draws the lattice before the coordinates (the bundled mp_20) redraws a "
+        "clashing site, a lattice-last one the crystal",
     )
     sa.add_argument(
         "--composition",

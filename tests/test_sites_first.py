@@ -81,6 +81,33 @@ def test_cache_matches_full_recompute_and_the_rule_holds(sites):
     assert min(closest_pair(decode(c)) for c in free) < 1.2
 
 
+def test_a_condemned_crystal_places_no_more_sites(sites):
+    """A site that cannot be placed condemns its crystal to a redraw: the second phase stops
+    drawing that crystal's later coordinates (they stay unset) instead of placing them for
+    nothing, while the crystals that were placed have every site drawn."""
+    from crystal_gpt.sampling.placement import thresholds_for
+    from crystal_gpt.sampling.sampler import Shaping, _sample_batch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = _sample_batch(
+            sites, 64, None, Shaping(1.0, 1.0), gen, torch.device("cpu"), None,
+            thresholds=thresholds_for(sites, 2.6), max_site_tries=2,
+        )  # fmt: skip
+    free = sites.sym.dof
+    unset = kept = 0
+    for crystal, dead in zip(out.crystals, out.dead, strict=True):
+        moving = free[crystal.spacegroup, torch.as_tensor(crystal.wyckoff).long()] > 0
+        placed = ~torch.as_tensor(crystal.coords == 0).all(1)
+        if dead:  # the unplaceable site is the last one drawn: free sites after it stay unset
+            last = int(placed.nonzero().max()) if placed.any() else -1
+            unset += int((moving[last + 1 :]).sum())
+        else:
+            kept += 1
+            assert placed[moving].all()
+    assert unset > 0 and kept > 0
+
+
 def test_requests_and_likelihood_of_samples(sites):
     crystals = sample_crystals(sites, 20, seed=2, spacegroup=225, elements="Na,Cl", symprec=None)
     assert all(c.spacegroup == 225 and set(c.species.tolist()) <= {11, 17} for c in crystals)

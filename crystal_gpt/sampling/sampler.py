@@ -243,7 +243,8 @@ def sample_crystals(
 
     Distance rule (``sampling.placement``): no two atoms closer than ``min_distance`` ("auto":
     0.8 of the shortest distance of that element pair in the model's training data; a number:
-    Angstrom for every pair; 0 or None: no rule). A lattice-first model redraws a clashing site's
+    Angstrom for every pair; 0 or None: no rule). A model that draws the lattice before the
+    coordinates (lattice first, or sites first) redraws a clashing site's
     coordinates (up to ``max_site_tries``, then the crystal; ``meta['site_redraws']`` counts
     them); a lattice-last model can only redraw the whole crystal.
 
