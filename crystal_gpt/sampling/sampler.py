@@ -244,9 +244,9 @@ def sample_crystals(
     Distance rule (``sampling.placement``): no two atoms closer than ``min_distance`` ("auto":
     0.8 of the shortest distance of that element pair in the model's training data; a number:
     Angstrom for every pair; 0 or None: no rule). A model that draws the lattice before the
-    coordinates (lattice first, or sites first) redraws a clashing site's
-    coordinates (up to ``max_site_tries``, then the crystal; ``meta['site_redraws']`` counts
-    them); a lattice-last model can only redraw the whole crystal.
+    coordinates (lattice first, or sites first) redraws a clashing site's coordinates (up to
+    ``max_site_tries``, then the crystal; ``meta['site_redraws']`` counts them); a lattice-last
+    model can only redraw the whole crystal.
 
     ``charge_balanced``: only compositions SMACT's neutrality test accepts (``sampling.charge``:
     one oxidation state per element summing to zero, or one element, or only metals), with a
