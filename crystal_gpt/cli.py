@@ -626,6 +626,15 @@ def cmd_evaluate_csp(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_report_folder(samples: str | Path) -> Path:
+    """Where ``evaluate`` writes without --out: beside the samples it judges, so a report never
+    lands in whatever folder the command happened to run from."""
+    path = Path(samples)
+    if path.is_dir():
+        return path / "evaluation"
+    return path.with_name(f"{path.stem}_evaluation")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """CDVAE metrics, uniqueness, novelty and symmetry statistics of generated crystals."""
     import warnings
@@ -655,6 +664,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
     if args.samples is None:
         raise ValueError("give SAMPLES (a folder, CIF, extxyz or CSV) or --build-reference")
+    if args.out is None:
+        args.out = str(default_report_folder(args.samples))
     # a bad --out fails now, not after the evaluation; the report files of an earlier run go
     # (the relaxation cache stays: it resumes)
     prepare_output_folder(args.out, REPORT_FILES)
@@ -1287,7 +1298,10 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.csv or a CDVAE-format CSV",
     )
     ev.add_argument("--dataset", default="mp_20", help="reference dataset (default mp_20)")
-    ev.add_argument("--out", default="evaluation", help="report folder (default ./evaluation)")
+    ev.add_argument(
+        "--out", help="report folder (default: SAMPLES/evaluation for a folder, else "
+        "<file stem>_evaluation beside the file)",
+    )  # fmt: skip
     ev.add_argument(
         "--build-reference",
         action="store_true",

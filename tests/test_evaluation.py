@@ -268,6 +268,28 @@ def test_cli_evaluate_writes_report(sample_folder, tmp_path):
     assert main(["evaluate", str(tmp_path / "nope"), "--quiet"]) == 2
 
 
+def test_cli_evaluate_reports_beside_the_samples(sample_folder, tmp_path, monkeypatch):
+    """Without --out the report goes next to what it judges, not into the working folder."""
+    import shutil
+
+    from crystal_gpt.cli import default_report_folder, main
+
+    assert default_report_folder(sample_folder) == sample_folder / "evaluation"
+    assert default_report_folder(tmp_path / "x.extxyz") == tmp_path / "x_evaluation"
+    samples = tmp_path / "mine"
+    shutil.copytree(sample_folder, samples)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    argv = ["evaluate", str(samples), "--reference-limit", "20", "--no-novelty", "--quiet"]
+    assert main(argv) == 0
+    assert (samples / "evaluation" / "metrics.json").exists()
+    assert not (tmp_path / "elsewhere" / "evaluation").exists()
+    # evaluating the folder again reads the same crystals: the report is not taken for samples
+    assert main(argv) == 0
+    m = json.loads((samples / "evaluation" / "metrics.json").read_text())
+    assert m["crystals"] == 8
+
+
 def test_report_takes_stability_results(sample_folder, tmp_path):
     ev = evaluate(sample_folder, "mp_20", reference_limit=20, workers=2, progress=False)
     e = [0.0] * 4 + [0.3] * 3 + [math.nan]
