@@ -56,9 +56,8 @@ def main() -> None:
     ap.add_argument("--json", help="write per-crystal values here")
     args = ap.parse_args()
 
-    from crystal_gpt.data.codec import decode
-    from crystal_gpt.evaluation.conditioning import achieved_values
-    from crystal_gpt.evaluation.metrics import smact_validity, structure_validity
+    from crystal_gpt.evaluation.conditioning import achieved_values, decode_samples
+    from crystal_gpt.evaluation.metrics import smact_validity
     from crystal_gpt.evaluation.stability.hull import ReferenceHull
     from crystal_gpt.model.checkpoints import load_model
     from crystal_gpt.model.predictor import load_predictor
@@ -87,15 +86,7 @@ def main() -> None:
             {prop: target}, guidance=guidance, temperature=temperature, give_up=True,
             num_elements="model", min_distance="auto",
         )  # fmt: skip
-        kept, structures = [], []
-        for c in crystals:
-            try:
-                if c is not None:
-                    structures.append(decode(c))
-                    kept.append(c)
-            except Exception:  # an undecodable lattice is a failed sample, as in the evaluation
-                pass
-        valid = [structure_validity(s) for s in structures]
+        kept, structures, valid = decode_samples(crystals)
         vs = [s for s, v in zip(structures, valid, strict=True) if v]
         vc = [c for c, v in zip(kept, valid, strict=True) if v]
         chg = achieved_values(

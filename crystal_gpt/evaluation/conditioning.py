@@ -195,6 +195,23 @@ def achieved_values(
     return predictor.predict_crystals(crystals)
 
 
+def decode_samples(crystals: list) -> tuple[list, list, np.ndarray]:
+    """The drawn crystals that decode, their structures, and which are structurally valid; a
+    crystal the sampler gave up on (None) or an undecodable lattice is a failed sample."""
+    from crystal_gpt.data.codec import decode
+
+    kept, structures = [], []
+    for c in crystals:
+        try:
+            if c is not None:
+                structures.append(decode(c))
+                kept.append(c)
+        except Exception:  # an undecodable lattice is a failed sample
+            pass
+    valid = np.array([structure_validity(s) for s in structures], dtype=bool)
+    return kept, structures, valid
+
+
 def evaluate_conditioning(
     model,
     prop: str,
@@ -222,7 +239,6 @@ def evaluate_conditioning(
     measure what they achieve (see the module docstring). ``steer_with`` (a predictor of
     ``prop``): the rows are steered instead (``sampling.steering``, importance resampling of an
     unconditional model; ``guidance`` unused), measured the same way."""
-    from crystal_gpt.data.codec import decode
     from crystal_gpt.sampling.sampler import sample_crystals
     from crystal_gpt.sampling.steering import steer
 
@@ -284,15 +300,7 @@ def evaluate_conditioning(
                 model, n, seed=seed + j, conditions=conditions, guidance=g if target is not None
                 else 1.0, progress=progress, give_up=True, **sample_options,
             )  # fmt: skip
-        kept, structures = [], []
-        for c in crystals:
-            try:
-                if c is not None:
-                    structures.append(decode(c))
-                    kept.append(c)
-            except Exception:  # an undecodable lattice is a failed sample
-                pass
-        valid = np.array([structure_validity(s) for s in structures], dtype=bool)
+        kept, structures, valid = decode_samples(crystals)
         vs = [s for s, v in zip(structures, valid, strict=True) if v]
         vc = [c for c, v in zip(kept, valid, strict=True) if v]
         cache = None if out_dir is None else Path(out_dir) / "relaxations.jsonl"
